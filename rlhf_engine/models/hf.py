@@ -1,0 +1,289 @@
+"""Hugging Face checkpoint interop: local directories in and out, no hub access.
+
+A checkpoint directory holds ``config.json``, weights as ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``, and optionally tokenizer files with a chat template. Supported:
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM. A config field this engine does not implement
+(another rope type, an activation other than SiLU, dropout...) fails loudly instead of loading a model
+that computes something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .transformer import RopeScaling, Transformer, TransformerConfig, rope_inv_freq
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_HF_PREFIX = "model."
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The checkpoint's architecture or one of its config fields is not implemented here."""
+
+
+def _require(ok: bool, path: Path | str, message: str) -> None:
+    if not ok:
+        raise UnsupportedCheckpointError(f"{path}: {message}")
+
+
+def config_from_hf(hf: Any, source: Path | str = "<config>") -> TransformerConfig:
+    """Map a transformers Llama/Mistral/Qwen2 config object to ``TransformerConfig``."""
+    family = hf.model_type
+    _require(family in ARCHITECTURES, source, f"model_type {family!r} is not supported; "
+             f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    archs = getattr(hf, "architectures", None) or [ARCHITECTURES[family]]
+    _require(archs == [ARCHITECTURES[family]], source,
+             f"architectures {archs} not supported; expected [{ARCHITECTURES[family]!r}]")
+    _require(hf.hidden_act == "silu", source, f"hidden_act {hf.hidden_act!r} not supported (only 'silu')")
+    _require(not getattr(hf, "attention_dropout", 0.0), source, "attention_dropout > 0 is not supported")
+    _require(getattr(hf, "pretraining_tp", 1) == 1, source, "pretraining_tp != 1 is not supported")
+
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    rope_theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    scaling = None
+    if rope_type == "linear":
+        scaling = RopeScaling(rope_type="linear", factor=rope["factor"])
+    elif rope_type == "llama3":
+        scaling = RopeScaling(
+            rope_type="llama3",
+            factor=rope["factor"],
+            low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"],
+        )
+    else:
+        _require(rope_type == "default", source,
+                 f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedCheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
+
+    qkv_bias = o_bias = bool(getattr(hf, "attention_bias", False))
+    sliding_window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if family == "qwen2":
+        qkv_bias, o_bias = True, False  # Qwen2 hard-codes biases on q/k/v only
+        if not getattr(hf, "use_sliding_window", False):
+            sliding_window, layer_types = None, None
+    elif family == "llama":
+        sliding_window, layer_types = None, None
+    if layer_types is not None and sliding_window is None:
+        layer_types = None  # transformers writes ['full_attention', ...] even without a window
+    return TransformerConfig(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        rms_norm_eps=hf.rms_norm_eps,
+        rope_theta=float(rope_theta),
+        rope_scaling=scaling,
+        max_position_embeddings=hf.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        sliding_window=sliding_window,
+        layer_types=list(layer_types) if layer_types is not None else None,
+        initializer_range=getattr(hf, "initializer_range", 0.02),
+        family=family,
+    )
+
+
+def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **token_ids: Any):
+    """A transformers config object for ``cfg`` (LlamaConfig, MistralConfig or Qwen2Config)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling is not None:
+        rope.update(cfg.rope_scaling.__dict__)
+        if cfg.rope_scaling.rope_type == "linear":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                rope.pop(key)
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        architectures=[ARCHITECTURES[cfg.family]],
+        dtype=str(dtype).removeprefix("torch."),
+        **token_ids,
+    )
+    where = f"exporting as {ARCHITECTURES[cfg.family]}"
+    if cfg.family == "llama":
+        _require(cfg.qkv_bias == cfg.o_bias, where, "Llama has one attention_bias for q/k/v/o; "
+                 "set family='qwen2' for q/k/v-only biases")
+        _require(cfg.sliding_window is None, where, "Llama has no sliding window; use family='mistral'")
+        return LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **common)
+    if cfg.family == "mistral":
+        _require(not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias), where, "Mistral has no biases")
+        _require(cfg.layer_types is None, where, "Mistral slides in every layer; use family='qwen2' for per-layer windows")
+        return MistralConfig(sliding_window=cfg.sliding_window, **common)
+    _require(cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias, where,
+             "Qwen2 has biases on q/k/v and nowhere else")
+    common.pop("head_dim")
+    _require(cfg.head_dim == cfg.hidden_size // cfg.num_heads, where, "Qwen2 requires head_dim = hidden/heads")
+    sliding = cfg.sliding_window is not None
+    return Qwen2Config(
+        use_sliding_window=sliding,
+        sliding_window=cfg.sliding_window,
+        max_window_layers=cfg.num_layers,
+        layer_types=cfg.layer_types or [("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
+        **common,
+    )
+
+
+def _hf_to_ours(name: str) -> str:
+    return name.removeprefix(_HF_PREFIX)
+
+
+def _ours_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else _HF_PREFIX + name
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    single = path / WEIGHTS_NAME
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found (only safetensors are read)")
+
+
+def load_hf_model(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Build a ``Transformer`` from a local HF checkpoint directory, weights cast to ``dtype``."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
+    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    cfg = config_from_hf(hf_cfg, path / "config.json")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for hf_name in f.keys():
+                name = _hf_to_ours(hf_name)
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some exporters write the tied copy too
+                if name not in expected:
+                    raise UnsupportedCheckpointError(f"{file}: unexpected tensor {hf_name!r}")
+                state[name] = f.get_tensor(hf_name).to(dtype)
+    missing = expected - set(state)
+    if missing:
+        raise UnsupportedCheckpointError(f"{path}: missing tensors {sorted(missing)[:5]} ({len(missing)} in all)")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer: still on meta
+    return model
+
+
+def save_hf_model(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write ``model`` (and a tokenizer) as a directory ``transformers`` loads, atomically.
+
+    The directory is assembled beside ``path`` and renamed into place, so a crash never leaves a
+    half-written checkpoint under the final name; an existing ``path`` is replaced. Weights larger than
+    ``max_shard_bytes`` are split into shards with a ``model.safetensors.index.json``.
+    """
+    path = Path(path)
+    state = {
+        _ours_to_hf(k): (v.to(dtype) if dtype else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    out_dtype = dtype or next(iter(state.values())).dtype
+    token_ids = {}
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token_ids[key] = getattr(tokenizer, key, None)
+    hf_cfg = config_to_hf(model.config, out_dtype, **token_ids)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        hf_cfg.save_pretrained(tmp)
+        _write_shards(state, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / WEIGHTS_NAME), metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=meta)
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer (with its chat template) saved in a checkpoint directory, via AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

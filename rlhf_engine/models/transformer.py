@@ -1,0 +1,440 @@
+"""Llama-family decoder: the math only (no parallelism, no precision policy, no backends).
+
+Covers Llama 2/3, Mistral and Qwen2 checkpoints: RMSNorm, rotary embeddings (rope_theta, linear and
+Llama-3 frequency scaling), SwiGLU, grouped- and multi-query attention, tied or untied embeddings,
+optional attention biases (Qwen2 puts them on q/k/v only), sliding-window attention per layer.
+
+Inputs may be *packed*: several documents per row, marked by ``document_ids``; attention is causal
+within a document and positions restart at 0 for each one. A ``KVCache`` turns the same forward into
+incremental decoding. The model returns final hidden states; turning them into log-probs without
+materializing [N, V] logits is the job of ``rlhf_kernels`` (``logits()`` exists for tests and tiny
+models).
+
+Parallelism (``rlhf_engine.parallel``) and precision/backends (Transformer Engine, flash-attn) are
+applied from outside: the submodules that change are named by ``LayerSpec``, not by branches here.
+Module names follow Hugging Face's (``self_attn.q_proj``, ``mlp.gate_proj``...) minus the ``model.``
+prefix, so checkpoint interop is a rename of one prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from torch import nn
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+@pydantic_dataclass(kw_only=True, config=_STRICT)
+class RopeScaling:
+    """Rotary frequency scaling for long context.
+
+    ``linear``: inv_freq / factor (position interpolation, Chen et al. 2023).
+    ``llama3``: Llama 3.1's piecewise rule: wavelengths above original_max / low_freq_factor are
+    divided by ``factor``, those below original_max / high_freq_factor kept, and a smooth blend between.
+    """
+
+    rope_type: Literal["linear", "llama3"]
+    """Which rule to apply."""
+    factor: float
+    """Context extension factor."""
+    low_freq_factor: float = 1.0
+    """llama3 only: wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled."""
+    high_freq_factor: float = 4.0
+    """llama3 only: wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: int = 8192
+    """llama3 only: the context length the model was pretrained at."""
+
+
+@pydantic_dataclass(kw_only=True, config=_STRICT)
+class TransformerConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    vocab_size: int
+    """Number of token embeddings (and LM-head rows)."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the SwiGLU feed-forward layer."""
+    num_layers: int
+    """Number of decoder layers."""
+    num_heads: int
+    """Number of query heads."""
+    num_kv_heads: int | None = None
+    """Number of key/value heads (grouped-query attention); None means num_heads; 1 is multi-query."""
+    head_dim: int | None = None
+    """Per-head width; None means hidden_size // num_heads."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon inside RMSNorm's square root."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    rope_scaling: RopeScaling | None = None
+    """Optional rotary frequency scaling."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is meant for (recorded in exported configs)."""
+    tie_word_embeddings: bool = False
+    """Share the LM-head weight with the token embedding."""
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2; Llama's attention_bias sets this and o_bias)."""
+    o_bias: bool = False
+    """Bias on the attention output projection."""
+    mlp_bias: bool = False
+    """Bias on the three feed-forward projections."""
+    sliding_window: int | None = None
+    """Keys further than this many tokens back are invisible in 'sliding_attention' layers."""
+    layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
+    """Per-layer attention kind; None means every layer slides when sliding_window is set, else full."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of linear and embedding weights."""
+    family: Literal["llama", "mistral", "qwen2"] = "llama"
+    """Hugging Face architecture this model exports as (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)."""
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                    "set head_dim explicitly or change one of them"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_layers={self.num_layers}"
+            )
+        if self.sliding_window is None and self.layer_types and "sliding_attention" in self.layer_types:
+            raise ValueError("layer_types contains 'sliding_attention' but sliding_window is not set")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> torch.Tensor:
+    """Rotary inverse frequencies theta^(-2i/d), i < d/2, with the configured scaling. (d/2,) fp32."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv_freq
+    if sc.rope_type == "linear":
+        return inv_freq / sc.factor
+    # llama3: scale long wavelengths, keep short ones, interpolate smoothly in between.
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+    smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for ``positions`` (B, S) -> two (B, S, head_dim) tensors, computed in fp32."""
+    freqs = positions[..., None].float() * inv_freq.float()  # (B, S, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, h, S, d) by the half-split convention: x*cos + rotate_half(x)*sin."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention through torch SDPA. q (B, h, S, d), k/v (B, kvh, Sk, d), mask (B, 1, S, Sk)
+    boolean (True = visible) or None for plain causal attention with S == Sk."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The submodules a backend may swap (Transformer Engine linears, flash-attn) without touching the math."""
+
+    linear: Callable[..., nn.Module] = nn.Linear
+    norm: Callable[..., nn.Module] = RMSNorm
+    attention: AttentionFn = field(default=sdpa_attention)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer: int, spec: LayerSpec) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = spec.linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = spec.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = spec.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = spec.linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.attention = spec.attention
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, S, D)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, S, _ = x.shape
+        # Head counts come from the weights, so a tensor-parallel shard (fewer heads) works unchanged.
+        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, h, S, d)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, kvh, S, d)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, kvh, S, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)  # (B, kvh, Sk, d) including the past
+        out = self.attention(q, k, v, mask)  # (B, h, S, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, cfg: TransformerConfig, spec: LayerSpec) -> None:
+        super().__init__()
+        self.gate_proj = spec.linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = spec.linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = spec.linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: TransformerConfig, layer: int, spec: LayerSpec) -> None:
+        super().__init__()
+        self.input_layernorm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer, spec)
+        self.post_attention_layernorm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg, spec)
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks, positions and the KV cache
+
+
+def attention_mask(
+    q_slots: torch.Tensor,  # (S,) index of each query in the (cached) sequence
+    k_slots: torch.Tensor,  # (Sk,)
+    q_docs: torch.Tensor,  # (B, S) document id of each query
+    k_docs: torch.Tensor,  # (B, Sk)
+    window: int | None,
+) -> torch.Tensor:
+    """Boolean (B, 1, S, Sk) mask, True = visible: causal, same document, within the window.
+
+    Every query sees at least itself, so no softmax row is empty (padding is a document of its own).
+    """
+    visible = k_slots[None, :] <= q_slots[:, None]  # (S, Sk)
+    if window is not None:
+        visible = visible & (q_slots[:, None] - k_slots[None, :] < window)
+    return (visible[None] & (q_docs[:, :, None] == k_docs[:, None, :]))[:, None]
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 at each document boundary of a packed row. (B, S) -> (B, S).
+
+    A document is a maximal run of equal ids; ids need not be sorted or unique across rows.
+    """
+    B, S = document_ids.shape
+    idx = torch.arange(S, device=document_ids.device).expand(B, S)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding, (L, B, kvh, max_len, d) each.
+
+    Slot t holds the t-th token fed to the model. ``document_ids`` per slot separate left padding
+    (give pads their own id, e.g. -1) from the text; the model's causal-and-same-document mask does
+    the rest, so a left-padded batch decodes like each row alone.
+    """
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        num_kv_heads: int | None = None,
+    ) -> None:
+        kvh = num_kv_heads or cfg.num_kv_heads  # a tensor-parallel shard holds fewer heads
+        shape = (cfg.num_layers, batch_size, kvh, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.length = 0  # slots filled by completed forwards
+        self._pending = 0  # tokens of the forward in progress
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def begin(self, document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve slots for (B, S) new tokens; returns (query slots (S,), key document ids (B, Sk))."""
+        S = document_ids.shape[1]
+        end = self.length + S
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_len={self.max_len}")
+        self.document_ids[:, self.length : end] = document_ids
+        self._pending = S
+        q_slots = torch.arange(self.length, end, device=document_ids.device)
+        return q_slots, self.document_ids[:, :end]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's (B, kvh, S, d) keys/values of ``layer``; return all (B, kvh, Sk, d)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def commit(self) -> None:
+        self.length += self._pending
+        self._pending = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    """Token embedding -> decoder layers -> final RMSNorm; ``output_weight`` is the LM head."""
+
+    def __init__(self, cfg: TransformerConfig, spec: LayerSpec = LayerSpec()) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers))
+        self.norm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Recomputed, never saved: not part of the checkpoint.
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """LM-head weight (V, D): the embedding itself when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms (Llama's initialisation)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, S)
+        *,
+        positions: torch.Tensor | None = None,  # (B, S); default: restart per document / continue cache
+        document_ids: torch.Tensor | None = None,  # (B, S); packed rows or padding
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, S, D) after the last RMSNorm."""
+        B, S = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, S, D)
+        masks = self._mask_builder(input_ids, document_ids, kv_cache)
+        if positions is None:
+            if kv_cache is not None:
+                positions = torch.arange(kv_cache.length, kv_cache.length + S, device=x.device).expand(B, S)
+            elif document_ids is not None:
+                positions = document_positions(document_ids)
+            else:
+                positions = torch.arange(S, device=x.device).expand(B, S)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, S, d) each
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks(self.config.layer_window(i)), kv_cache)
+        if kv_cache is not None:
+            kv_cache.commit()
+        return self.norm(x)
+
+    def _mask_builder(self, input_ids, document_ids, kv_cache) -> Callable[[int | None], torch.Tensor | None]:
+        """Returns window -> mask, building each distinct mask once per forward."""
+        B, S = input_ids.shape
+        device = input_ids.device
+        docs = document_ids if document_ids is not None else torch.zeros(B, S, dtype=torch.long, device=device)
+        if kv_cache is not None:
+            q_slots, k_docs = kv_cache.begin(docs)
+        else:
+            q_slots, k_docs = torch.arange(S, device=device), docs
+        k_slots = torch.arange(k_docs.shape[1], device=device)
+        plain_causal = kv_cache is None and document_ids is None
+        built: dict[int | None, torch.Tensor | None] = {}
+
+        def mask(window: int | None) -> torch.Tensor | None:
+            if plain_causal and (window is None or window >= S):
+                return None  # SDPA's own causal path: no (S, S) mask in memory
+            if window not in built:
+                built[window] = attention_mask(q_slots, k_slots, docs, k_docs, window)
+            return built[window]
+
+        return mask
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Materialized logits (..., V). For tests, generation of tiny models and oracles only:
+        training and scoring go through rlhf_kernels, which never builds this tensor."""
+        return F.linear(hidden, self.output_weight)
