@@ -1,0 +1,302 @@
+"""Typed run configuration: dataclass schema, YAML recipes, dotted command-line overrides.
+
+A run is described by one ``RunConfig``. Recipes in ``configs/*.yaml`` give values, dotted
+overrides (``optim.lr=1e-5 model.architecture.num_layers=4``) are merged on top, and the result is
+validated against the schema by pydantic at start-up. An unknown key, a value of the wrong type or a
+missing required field fails with ``ConfigError`` naming the full key path (and, for a typo, the
+closest valid key), before any model is built.
+
+Every field is documented where it is declared; fields without a default are required.
+
+    cfg = load_config("configs/sft_tiny.yaml", ["optim.lr=3e-4", "trainer.max_steps=50"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from .models.transformer import TransformerConfig
+
+_STRICT = ConfigDict(extra="forbid")
+section = dataclass(kw_only=True, config=_STRICT)
+
+
+@section
+class ModelConfig:
+    """Which model to train: a local Hugging Face checkpoint, or an architecture built from scratch."""
+
+    hf_path: str | None = None
+    """Local HF checkpoint directory (config.json, safetensors, tokenizer with chat template)."""
+    architecture: TransformerConfig | None = None
+    """Decoder shape for a model initialised from scratch (exclusive with hf_path)."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; default: hf_path, or for a scratch model a byte-level BPE trained on the data."""
+
+    def __post_init__(self) -> None:
+        if (self.hf_path is None) == (self.architecture is None):
+            raise ValueError("set exactly one of model.hf_path and model.architecture")
+
+
+@section
+class ParallelConfig:
+    """Process layout: world size = dp_replicate * dp_shard * pp * tp."""
+
+    tp: int = 1
+    """Tensor-parallel degree (Megatron layout, within a node)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    dp_shard: int = 1
+    """Fully sharded data-parallel degree (FSDP2, ZeRO-3 style)."""
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (HSDP's outer dimension)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp_shard", "dp_replicate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp_shard * self.dp_replicate
+
+
+@section
+class PrecisionConfig:
+    """Numeric formats."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter and activation dtype. Norms, rotary tables and softmax statistics stay fp32."""
+
+
+@section
+class DataConfig:
+    """Training data."""
+
+    train_path: str | None = None
+    """JSONL file of {"messages": [{"role": ..., "content": ...}, ...]} rows; None: the built-in demo set."""
+    eval_path: str | None = None
+    """Held-out JSONL file; None: hold out eval_fraction of the training rows."""
+    eval_fraction: float = 0.05
+    """Share of training rows held out for evaluation when eval_path is None."""
+    builtin_rows: int = 2000
+    """Number of conversations generated for the built-in demo set."""
+    seq_len: int
+    """Tokens per packed row; longer conversations are truncated."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+        if self.seq_len < 2:
+            raise ValueError("seq_len must be >= 2")
+
+
+@section
+class OptimConfig:
+    """AdamW with warmup and decay."""
+
+    lr: float
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine and linear schedules)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW moment coefficients."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to parameters with ndim >= 2 (not to norms or biases)."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; None disables clipping."""
+
+
+@section
+class AlgorithmConfig:
+    """What is optimized."""
+
+    name: Literal["sft"] = "sft"
+    """Training objective. sft: next-token loss on assistant tokens."""
+
+
+@section
+class RolloutConfig:
+    """Sampling from the policy."""
+
+    max_new_tokens: int = 64
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 disables."""
+    top_p: float = 1.0
+    """Sample within the smallest set of tokens whose mass reaches top_p; 1 disables."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+
+
+@section
+class TrainerConfig:
+    """The training loop."""
+
+    max_steps: int
+    """Optimizer steps to run."""
+    micro_batch_size: int
+    """Packed rows per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    eval_every: int = 0
+    """Evaluate on held-out data every N steps (and at the end); 0: only at the end."""
+    eval_batches: int = 8
+    """Micro-batches per evaluation."""
+    seed: int = 0
+    """Seeds initialisation, data order and sampling."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    out_dir: str = "runs/default"
+    """Run directory: metrics, resolved config, exported model."""
+
+
+@section
+class LoggingConfig:
+    """Where metrics go."""
+
+    log_every: int = 10
+    """Print and record training metrics every N steps."""
+    progress_bar: bool = True
+    """Show a progress bar on a terminal."""
+
+
+@section
+class RunConfig:
+    """A whole run: one section per concern."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+
+
+class ConfigError(ValueError):
+    """A recipe or an override does not fit the schema; the message names every bad key path."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-5"`` -> (["optim", "lr"], 1e-05). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" (no dot) as a string; accept it as the number it means
+            value = float(value) if any(c in value for c in "eE") and value[0] in "+-.0123456789" else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge dotted overrides into a nested dict (in place); intermediate sections are created."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: '{'.'.join(path[: i + 1])}' is a value, not a section"
+                )
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _schema_at(path: tuple[str | int, ...]) -> type | None:
+    """The dataclass that owns the last key of ``path``, for suggesting a valid key."""
+    cls: Any = RunConfig
+    for part in path[:-1]:
+        if not dataclasses.is_dataclass(cls) or not isinstance(part, str):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        hint = hints[part]
+        cls = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    path = tuple(err["loc"])
+    key = ".".join(str(p) for p in path) or "<root>"
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        owner = _schema_at(path)
+        valid = [f.name for f in dataclasses.fields(owner)] if owner else []
+        close = difflib.get_close_matches(str(path[-1]), valid, n=1)
+        parent = ".".join(str(p) for p in path[:-1])
+        hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+        return f"{source}: unknown key '{key}'{hint} (valid here: {', '.join(valid)})"
+    if err["type"] == "missing" or err["type"] == "missing_argument":
+        return f"{source}: missing required key '{key}'"
+    got = err.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    return f"{source}: invalid value at '{key}': {err['msg']}{got_text}"
+
+
+def validate(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict against ``RunConfig``; raises ``ConfigError`` listing every problem."""
+    try:
+        return TypeAdapter(RunConfig).validate_python(tree)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(recipe: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start empty), merge dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "overrides"
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.exists():
+            raise ConfigError(f"recipe {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        source = str(path)
+    apply_overrides(tree, list(overrides or []))
+    return validate(tree, source)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain JSON-compatible nested dict (tuples become lists)."""
+    return TypeAdapter(RunConfig).dump_python(cfg, mode="json")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
