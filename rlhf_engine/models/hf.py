@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .transformer import RopeScaling, Transformer, TransformerConfig, rope_inv_freq
+from .transformer import RopeScaling, Transformer, TransformerConfig
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -206,7 +206,6 @@ def load_hf_model(
     if missing:
         raise UnsupportedCheckpointError(f"{path}: missing tensors {sorted(missing)[:5]} ({len(missing)} in all)")
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer: still on meta
     return model
 
 

@@ -366,8 +366,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers))
         self.norm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Recomputed, never saved: not part of the checkpoint.
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # Rotary frequencies: fp32 per device, outside the state dict and out of reach of .to(dtype),
+        # which would round a buffer to bf16.
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
+        return self._inv_freq[device]
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -384,7 +390,6 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
-        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
 
     def forward(
         self,
@@ -405,7 +410,7 @@ class Transformer(nn.Module):
                 positions = document_positions(document_ids)
             else:
                 positions = torch.arange(S, device=x.device).expand(B, S)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, S, d) each
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # (B, S, d) each
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks(self.config.layer_window(i)), kv_cache)
         if kv_cache is not None:

@@ -1,0 +1,64 @@
+"""Command line: ``rlhf-engine <command> ...`` (also ``python -m rlhf_engine``).
+
+    rlhf-engine config show configs/sft_tiny.yaml optim.lr=1e-4   # merged, validated config as YAML
+    rlhf-engine sft --config configs/sft_tiny.yaml trainer.max_steps=20
+
+Every training command takes ``--config RECIPE`` plus dotted ``key=value`` overrides; a bad key or
+value stops the command before any work, naming the key path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ConfigError, load_config, to_yaml
+from .data.jsonl import DataError
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from .stages.sft import run_sft
+
+    summary = run_sft(load_config(args.config, args.overrides))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-engine",
+        description="Megatron-style RLHF training engine: SFT, reward models, PPO and relatives.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="inspect run configurations")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print a recipe merged with overrides, validated, as YAML")
+    show.add_argument("recipe", help="YAML recipe, e.g. configs/sft_tiny.yaml")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-5")
+    show.set_defaults(func=_config_show)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning on chat demonstrations (assistant tokens only)")
+    sft.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")
+    sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=20")
+    sft.set_defaults(func=_sft)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

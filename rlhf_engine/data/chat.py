@@ -1,0 +1,73 @@
+"""Chat conversations: validation, tokenization through the tokenizer's chat template, assistant masks.
+
+The assistant mask marks the tokens a model should learn to produce: the tokens each assistant turn
+adds to the rendered conversation. They are found by rendering prefixes: for assistant turn i,
+``render(messages[:i], add_generation_prompt=True)`` must be a token prefix of
+``render(messages[:i+1])``, and the difference is the turn (content plus the template's end-of-turn
+marker). This works with any template that renders prefix-consistently (Llama 3, Qwen2, Mistral,
+ChatML...) without special tags in the template; a template that is not prefix-consistent is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+def parse_conversation(row: Any) -> list[Message]:
+    """Validate a ``{"messages": [{"role", "content"}, ...]}`` row (as read from JSONL)."""
+    if not isinstance(row, dict) or "messages" not in row:
+        raise ValueError("row must be an object with a 'messages' list")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{i}] must be an object with exactly 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}].content must be a string")
+        out.append(Message(m["role"], m["content"]))
+    if not any(m.role == "assistant" for m in out):
+        raise ValueError("a conversation needs at least one assistant message to learn from")
+    return out
+
+
+def _render(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+    ids = tokenizer.apply_chat_template(as_dicts, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in transformers 5
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def tokenize_conversation(tokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and a same-length mask, True on assistant tokens."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if full[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
+            raise ValueError("the chat template does not render conversations prefix-consistently; "
+                             "cannot locate the assistant tokens")
+        mask += [False] * (len(prompt) - len(ids)) + [True] * (len(full) - len(prompt))
+        ids = full
+    return ids, mask
+
+
+def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
+    """Tokens of a conversation up to and including the assistant generation prompt."""
+    return _render(tokenizer, messages, add_generation_prompt=True)

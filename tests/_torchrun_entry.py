@@ -1,0 +1,29 @@
+"""Child side of torchrun_helper: init gloo, run one function from a test file, tear down."""
+
+import importlib.util
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def main(test_file: str, name: str) -> int:
+    dist.init_process_group("gloo")
+    try:
+        spec = importlib.util.spec_from_file_location(f"_dist_test_{name}", test_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)
+        getattr(module, name)()
+        dist.barrier()
+        return 0
+    except BaseException:
+        print(f"[rank {dist.get_rank()}] {name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
