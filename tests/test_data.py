@@ -1,0 +1,93 @@
+"""Data path: JSONL errors name file:line, assistant masks match the template's rendering, packing invariants."""
+
+import json
+import re
+
+import pytest
+
+from rlhf_engine.data.builtin import demo_conversations
+from rlhf_engine.data.chat import parse_conversation, tokenize_conversation
+from rlhf_engine.data.jsonl import DataError, read_jsonl
+from rlhf_engine.data.packing import IGNORE_INDEX, PAD_DOCUMENT, Example, collate, next_token_example, pack
+from rlhf_engine.data.tokenizer import train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [m["content"] for r in demo_conversations(200) for m in r["messages"]]
+    return train_bpe_tokenizer(texts, vocab_size=300)
+
+
+def test_malformed_rows_name_file_and_line(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    cases = {
+        "{not json": "not valid JSON",
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}): "messages[0].role is 'robot'",
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}): "at least one assistant",
+        json.dumps({"text": "x"}): "'messages' list",
+        json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}): "content must be a string",
+    }
+    for bad, why in cases.items():
+        path = tmp_path / "rows.jsonl"
+        path.write_text(json.dumps(good) + "\n\n" + bad + "\n")
+        with pytest.raises(DataError, match=rf"rows\.jsonl:3: .*{re.escape(why)}"):
+            list(read_jsonl(path, parse_conversation))
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):
+    conv = parse_conversation({"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Reverse 'stone'."},
+        {"role": "assistant", "content": "enots"},
+        {"role": "user", "content": "And 'cloud'?"},
+        {"role": "assistant", "content": "duolc"},
+    ]})
+    ids, mask = tokenize_conversation(tokenizer, conv)
+    rendered = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in conv], tokenize=True)
+    rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    assert ids == rendered
+    learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert learned == "enots<|im_end|>\nduolc<|im_end|>\n"  # each turn's content and end-of-turn marker
+    hidden = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+    assert "Reverse 'stone'." in hidden and "enots" not in hidden
+
+
+def test_next_token_labels_shift_and_mask():
+    ex = next_token_example([5, 6, 7, 8, 9], [False, False, True, True, False], max_len=5)
+    assert ex.labels == [IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX]
+    short = next_token_example([5, 6, 7, 8, 9], [False, False, True, True, True], max_len=3)
+    assert short.input_ids == [5, 6, 7] and short.labels == [IGNORE_INDEX, 7, IGNORE_INDEX]
+
+
+def test_pack_places_every_example_once_within_budget():
+    import random
+
+    rng = random.Random(0)
+    examples = [Example([1] * n, [IGNORE_INDEX] * n) for n in (rng.randint(1, 40) for _ in range(300))]
+    rows = pack(examples, seq_len=64)
+    placed = sorted(i for row in rows for i in row)
+    assert placed == list(range(len(examples)))
+    assert all(sum(len(examples[i].input_ids) for i in row) <= 64 for row in rows)
+    with pytest.raises(ValueError, match="truncate first"):
+        pack([Example([1] * 65, [0] * 65)], seq_len=64)
+
+
+def test_collate_marks_documents_and_padding():
+    examples = [Example([1, 2, 3], [2, 3, IGNORE_INDEX]), Example([4, 5], [5, IGNORE_INDEX])]
+    batch = collate(examples, [[0, 1]], seq_len=7, pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 0, 0]]
+    assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, PAD_DOCUMENT, PAD_DOCUMENT]]
+    assert batch.labels.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch.num_targets == 3
+
+
+def test_builtin_data_is_deterministic_and_answers_are_right():
+    a, b = demo_conversations(50, seed=3), demo_conversations(50, seed=3)
+    assert a == b and a != demo_conversations(50, seed=4)
+    for row in a:
+        user, answer = row["messages"][-2]["content"], row["messages"][-1]["content"]
+        if user.startswith("Reverse the word"):
+            assert answer == user.split("'")[1][::-1]
+        if user.startswith("What is"):
+            x, _, y = user.removeprefix("What is ").rstrip("?").split()
+            assert answer.endswith(f"is {int(x) + int(y)}.")
