@@ -1,0 +1,67 @@
+"""Packaging and entry points: the two import packages, the console script, and README == CI."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_rlhf_kernels_imports_without_the_engine():
+    proc = _python("import sys, rlhf_kernels; "
+                   "assert not [m for m in sys.modules if m.startswith('rlhf_engine')], 'pulled in rlhf_engine'")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_kernels_directory_does_not_shadow_huggingface_kernels():
+    # From the repository root (cwd on sys.path, as under `python -m pytest`), `kernels` must not look
+    # like Hugging Face's `kernels` package to transformers, and holds no importable module.
+    code = (
+        "import importlib, importlib.util\n"
+        "from transformers.utils import is_kernels_available\n"
+        "assert not is_kernels_available(), 'transformers thinks kernels is installed'\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is None or spec.origin is None, spec\n"
+        "try:\n    importlib.import_module('kernels.reference')\nexcept ImportError:\n    pass\n"
+        "else:\n    raise AssertionError('kernels.reference importable')\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_console_script_lists_subcommands():
+    exe = shutil.which("rlhf-engine")
+    assert exe, "rlhf-engine is not on PATH: install the package (see README) before running the tests"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).stdout
+    for cmd in ("config", "sft"):
+        assert re.search(rf"^\s+{cmd}\s", out, re.M), out
+
+
+def test_python_m_config_show_and_bad_key_exit_code():
+    ok = subprocess.run([sys.executable, "-m", "rlhf_engine", "config", "show", "configs/sft_tiny.yaml", "optim.lr=0.5"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "lr: 0.5" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "rlhf_engine", "config", "show", "configs/sft_tiny.yaml", "optim.lrr=0.5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown key 'optim.lrr'; did you mean 'optim.lr'" in bad.stderr
+
+
+def _readme_block(name: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(rf"<!-- ci:{name} -->\s*```bash\n(.*?)```\s*<!-- /ci:{name} -->", text, re.S)
+    assert block, f"README has no ci:{name} block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_commands():
+    ci = (ROOT / ".ci/run").read_text()
+    for name in ("main", "tests"):
+        assert _readme_block(name), name
+        assert f"ci:{name}" in ci  # .ci/run executes these very blocks, extracted from the README
+    assert _readme_block("tests")[-1] == "python -m pytest -q"
