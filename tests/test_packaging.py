@@ -65,3 +65,35 @@ def test_ci_runs_the_readme_commands():
         assert _readme_block(name), name
         assert f"ci:{name}" in ci  # .ci/run executes these very blocks, extracted from the README
     assert _readme_block("tests")[-1] == "python -m pytest -q"
+
+
+def test_wheel_holds_both_packages_and_no_top_level_kernels(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("rlhf_engine-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "rlhf_kernels/__init__.py" in names and "rlhf_engine/models/transformer.py" in names
+    assert "rlhf_engine/__main__.py" in names and "rlhf_engine/py.typed" in names
+    assert not [n for n in names if n.startswith(("kernels/", "tests/"))]
+    # Installed from the wheel alone (no repository on sys.path), both packages import.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = "import rlhf_engine.models, rlhf_kernels; print(rlhf_engine.__file__, rlhf_kernels.__file__)"
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path[:0] = {[str(site)]!r}; " + code],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(str(site)) == 2
+
+
+def test_triton_runs_interpreted_without_a_gpu():
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+    else:
+        assert os.environ["TRITON_INTERPRET"] == "1"
