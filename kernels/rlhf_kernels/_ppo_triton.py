@@ -1,0 +1,91 @@
+"""Triton kernel for the per-token part of the PPO loss: l_t and its partial derivatives in one pass.
+
+Outputs per token: w l_t, the surrogate pg_t, a clipped flag, the KL term, and the gradients of
+sum_t w_t l_t with respect to logp, the exact KL and the entropy (see ``ppo_loss`` for the formulas).
+Where the clipped branch (or the dual clip) is active, pg_t does not depend on logp, so its gradient
+is 0; elsewhere it is -A r. Written with tl.exp only (no libdevice), so it also runs interpreted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ppo_token_kernel(
+    logp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, kl_ptr, ent_ptr,  # [N] inputs (ref/kl/ent may be dummies)
+    loss_ptr, pg_ptr, clipped_ptr, klterm_ptr, g_logp_ptr, g_kl_ptr, g_ent_ptr,  # [N] outputs
+    N, eps_low, eps_high, dual_clip, ent_coef, kl_coef,
+    KL_MODE: tl.constexpr,  # 0 none, 1 k1, 2 k2, 3 k3, 4 exact
+    HAS_ENT: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+
+    ratio = tl.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped_val = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    is_clipped = clipped_val > unclipped
+    pg = tl.where(is_clipped, clipped_val, unclipped)
+    g_pg = tl.where(is_clipped, 0.0, -adv * ratio)
+    if HAS_DUAL:
+        dual_val = -adv * dual_clip
+        dual_active = (adv < 0) & (pg > dual_val)
+        pg = tl.where(dual_active, dual_val, pg)
+        g_pg = tl.where(dual_active, 0.0, g_pg)
+        is_clipped = is_clipped | dual_active
+    loss = pg
+    g_logp = g_pg
+    kl_term = tl.zeros([BLOCK], tl.float32)
+    if KL_MODE == 4:
+        kl_term = tl.load(kl_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(g_kl_ptr + offs, w * kl_coef, mask=ok)
+    elif KL_MODE > 0:
+        d = logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if KL_MODE == 1:
+            kl_term = d
+            g_logp += kl_coef
+        elif KL_MODE == 2:
+            kl_term = 0.5 * d * d
+            g_logp += kl_coef * d
+        else:
+            e = tl.exp(-d)
+            kl_term = e - 1.0 + d
+            g_logp += kl_coef * (1.0 - e)
+    loss += kl_coef * kl_term
+    if HAS_ENT:
+        loss -= ent_coef * tl.load(ent_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(g_ent_ptr + offs, -w * ent_coef, mask=ok)
+    tl.store(loss_ptr + offs, w * loss, mask=ok)
+    tl.store(pg_ptr + offs, pg, mask=ok)
+    tl.store(clipped_ptr + offs, is_clipped.to(tl.int8), mask=ok)
+    tl.store(klterm_ptr + offs, kl_term, mask=ok)
+    tl.store(g_logp_ptr + offs, w * g_logp, mask=ok)
+
+
+def launch_ppo_token_kernel(logp, old_logp, adv, w, ref_logp, kl, entropy, eps_low, eps_high, dual_clip,
+                            ent_coef, kl_coef, kl_mode):
+    """Returns (w l, pg, clipped int8, kl term, d/d logp, d/d kl, d/d entropy), each (N,) fp32."""
+    N = logp.numel()
+    f32 = dict(dtype=torch.float32, device=logp.device)
+    loss, pg, kl_term, g_logp, g_kl, g_ent = (torch.empty(N, **f32) for _ in range(6))
+    clipped = torch.empty(N, dtype=torch.int8, device=logp.device)
+    block = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
+    _ppo_token_kernel[(triton.cdiv(N, block),)](
+        logp, old_logp, adv, w, ref_logp if ref_logp is not None else logp, kl if kl is not None else logp,
+        entropy if entropy is not None else logp,
+        loss, pg, clipped, kl_term, g_logp, g_kl, g_ent,
+        N, eps_low, eps_high, dual_clip if dual_clip is not None else 0.0, ent_coef, kl_coef,
+        KL_MODE=kl_mode, HAS_ENT=entropy is not None and ent_coef != 0, HAS_DUAL=dual_clip is not None, BLOCK=block,
+    )
+    return loss, pg, clipped, kl_term, g_logp, g_kl, g_ent
