@@ -206,7 +206,7 @@ class _FusedPPO(torch.autograd.Function):
         loss_t, pg, clipped, kl_term, g_logp, g_kl, g_ent = launch_ppo_token_kernel(
             logp, old_logp, adv, w, ref_logp, kl, entropy, eps_low, eps_high, dual_clip, ent_coef, kl_coef, kl_mode)
         ctx.save_for_backward(g_logp, g_kl, g_ent)
-        ctx.has = (kl is not None, entropy is not None)
+        ctx.has = (kl_mode == 4, entropy is not None and ent_coef != 0)  # the kernel writes only these
         ctx.mark_non_differentiable(pg, clipped, kl_term)
         return loss_t.sum(), pg, clipped, kl_term
 
