@@ -16,13 +16,17 @@ from .state import A, C, M, MQ, S, SQ, STATE_WIDTH, UY, ZY
 
 @dataclass(frozen=True)
 class ChunkSizes:
-    token_chunk: int = 1024
-    vocab_chunk: int = 4096
+    """Block of logits alive at once: token_chunk x vocab_chunk fp32 (2 MiB by default; the GEMMs
+    stay large enough to run near peak on a CPU)."""
+
+    token_chunk: int = 512
+    vocab_chunk: int = 1024
 
 
 def block_logits(x: torch.Tensor, w: torch.Tensor, inv_temp: float) -> torch.Tensor:
     """(n, H) x (v, H) -> (n, v) fp32 logits / T (low-precision inputs are upcast first)."""
-    return torch.matmul(x.float(), w.float().T) * inv_temp
+    z = torch.matmul(x.float(), w.float().T)
+    return z if inv_temp == 1.0 else z.mul_(inv_temp)
 
 
 class ChunkedImpl:
@@ -51,35 +55,37 @@ class ChunkedImpl:
                 if xq is not None:
                     u = block_logits(xq[n0 : n0 + tc], wq[v0:v1], inv_temp)  # (n, v)
                     mq = torch.maximum(st[:, MQ], u.amax(dim=1))
-                    st[:, SQ] = st[:, SQ] * torch.exp(st[:, MQ] - mq) + torch.exp(u - mq[:, None]).sum(1)
+                    st[:, SQ] = st[:, SQ] * torch.exp(st[:, MQ] - mq) + torch.sub(u, mq[:, None]).exp_().sum(1)
                     st[:, MQ] = mq
                     st[:, UY] += torch.where(in_block, u.gather(1, col)[:, 0], 0.0)
                 if xp is not None:
                     z = block_logits(xp[n0 : n0 + tc], wp[v0:v1], inv_temp)  # (n, v)
+                    st[:, ZY] += torch.where(in_block, z.gather(1, col)[:, 0], 0.0)
                     m = torch.maximum(st[:, M], z.amax(dim=1))
                     scale = torch.exp(st[:, M] - m)  # 0 on the first block
-                    e = torch.exp(z - m[:, None])  # (n, v)
+                    e = torch.sub(z, m[:, None]).exp_()  # (n, v)
                     st[:, S] = st[:, S] * scale + e.sum(1)
-                    st[:, A] = st[:, A] * scale + (e * z).sum(1)
+                    st[:, A] = st[:, A] * scale + torch.linalg.vecdot(e, z)  # sum e*z without an (n, v) temporary
                     if u is not None:
-                        st[:, C] = st[:, C] * scale + (e * u).sum(1)
+                        st[:, C] = st[:, C] * scale + torch.linalg.vecdot(e, u)
                     st[:, M] = m
-                    st[:, ZY] += torch.where(in_block, z.gather(1, col)[:, 0], 0.0)
         return state
 
     def dlogits(self, xp, wp, xq, wq, y_local, zp, coef, inv_temp, n0, n1, v0, v1, need_u, out_dtype):
         """d loss / d raw logits for the block [n0:n1, v0:v1]: dz / T, with dz from ``dz_coefficients``."""
         z = block_logits(xp[n0:n1], wp[v0:v1], inv_temp)  # (n, v)
         g_lp, a, b, c = coef[n0:n1].unbind(dim=1)  # (n,) each
-        inner = a[:, None] + b[:, None] * z
-        if need_u:
-            inner += c[:, None] * block_logits(xq[n0:n1], wq[v0:v1], inv_temp)
-        dz = torch.exp(z - zp[n0:n1, None]) * inner  # (n, v)
+        if need_u or bool(b.any()):  # entropy or KL gradients: A + B z + C u
+            inner = torch.addcmul(a[:, None], b[:, None], z)
+            if need_u:
+                inner.addcmul_(c[:, None], block_logits(xq[n0:n1], wq[v0:v1], inv_temp))
+            dz = z.sub_(zp[n0:n1, None]).exp_().mul_(inner)  # p * inner, in z's storage
+        else:  # log-prob gradient only: p * A
+            dz = z.sub_(zp[n0:n1, None]).exp_().mul_(a[:, None])
         y = y_local[n0:n1]
-        hit = (y >= v0) & (y < v1)
-        rows = torch.nonzero(hit)[:, 0]
+        rows = torch.nonzero((y >= v0) & (y < v1))[:, 0]
         dz[rows, y[rows] - v0] += g_lp[rows]
-        return (dz * inv_temp).to(out_dtype)
+        return dz.mul_(inv_temp).to(out_dtype)
 
     def backward_chunks(self, N: int, V: int) -> tuple[int, int]:
         return self.chunks.token_chunk, self.chunks.vocab_chunk

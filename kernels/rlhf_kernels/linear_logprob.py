@@ -105,11 +105,16 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 v1 = min(v0 + vocab_chunk, V)
                 dz = impl.dlogits(xp, wp, xq, wq, y_local, zp, coef, inv_temp, n0, n1, v0, v1, need_u, gemm_dtype)
                 w_blk = wp[v0:v1].to(gemm_dtype)
-                if accumulate_dw:
-                    dw[v0:v1] += (dz.T @ x_blk).float()  # (v, H)
+                if not accumulate_dw:
+                    dw[v0:v1] = dz.T @ x_blk  # (v, H), each slice written once
+                elif dw.dtype == gemm_dtype:
+                    dw[v0:v1].addmm_(dz.T, x_blk)  # in place: no (v, H) temporary
                 else:
-                    dw[v0:v1] = dz.T @ x_blk  # each slice written once
-                dx[n0:n1] += (dz @ w_blk).float()  # (n, H)
+                    dw[v0:v1] += (dz.T @ x_blk).float()
+                if gemm_dtype == torch.float32:
+                    dx[n0:n1].addmm_(dz, w_blk)  # (n, H)
+                else:
+                    dx[n0:n1] += (dz @ w_blk).float()
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(dx, group=group)  # every shard's vocabulary contributes to d hidden
         return (dx.to(xp.dtype), dw.to(wp.dtype)) + nones
