@@ -25,6 +25,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict
+from rlhf_kernels import LogprobOutput, linear_logprob
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
@@ -352,6 +353,22 @@ class KVCache:
         self._pending = 0
 
 
+def local_vocab_shard(weight: torch.Tensor) -> tuple[torch.Tensor, int, "torch.distributed.ProcessGroup | None"]:
+    """(rows this rank holds, their offset in the vocabulary, tensor-parallel group or None) of an
+    LM-head weight: the weight itself when not sharded, the local shard of a vocab-sharded DTensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return weight, 0, None
+    (placement,) = weight.placements
+    local = weight.to_local()
+    if not isinstance(placement, Shard) or placement.dim != 0 or weight.device_mesh.size() == 1:
+        return (weight.full_tensor() if isinstance(placement, Shard) else local), 0, None
+    if weight.shape[0] % weight.device_mesh.size():
+        raise ValueError(f"vocabulary {weight.shape[0]} is not divisible by tp={weight.device_mesh.size()}")
+    return local, weight.device_mesh.get_local_rank() * local.shape[0], weight.device_mesh.get_group()
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -398,8 +415,16 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,  # (B, S); default: restart per document / continue cache
         document_ids: torch.Tensor | None = None,  # (B, S); packed rows or padding
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Final hidden states (B, S, D) after the last RMSNorm."""
+        targets: torch.Tensor | None = None,  # (B, S) next-token ids, -100 where ignored
+        temperature: float = 1.0,
+    ) -> torch.Tensor | LogprobOutput:
+        """Final hidden states (B, S, D) after the last RMSNorm; with ``targets``, per-token log-probs
+        and entropy (B, S) through rlhf_kernels instead, without materializing logits.
+
+        The log-probs are computed inside forward so that wrappers that gather parameters around
+        forward (FSDP2) hold the LM head while it is used; under tensor parallelism the local
+        vocabulary shard, its offset and the group come from the sharded weight.
+        """
         B, S = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, S, D)
         masks = self._mask_builder(input_ids, document_ids, kv_cache)
@@ -415,7 +440,11 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, masks(self.config.layer_window(i)), kv_cache)
         if kv_cache is not None:
             kv_cache.commit()
-        return self.norm(x)
+        hidden = self.norm(x)
+        if targets is None:
+            return hidden
+        weight, offset, group = local_vocab_shard(self.output_weight)
+        return linear_logprob(hidden, weight, targets, temperature=temperature, tp_group=group, vocab_offset=offset)
 
     def _mask_builder(self, input_ids, document_ids, kv_cache) -> Callable[[int | None], torch.Tensor | None]:
         """Returns window -> mask, building each distinct mask once per forward."""

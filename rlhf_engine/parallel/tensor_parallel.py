@@ -1,0 +1,70 @@
+"""Tensor (and sequence) parallelism for the Llama-family decoder, in Megatron's layout, with DTensor.
+
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+
+Per decoder layer: q/k/v and gate/up projections column-parallel (heads and the FFN width split across
+ranks, no communication on the way in), o and down projections row-parallel (one all-reduce each, or a
+reduce-scatter under sequence parallelism). The embedding and the LM head are vocabulary-parallel:
+the LM head's weight stays sharded and ``Transformer.forward(targets=...)`` hands the local shard,
+its offset and the group to ``rlhf_kernels.linear_logprob``, whose one all-gather of 32 bytes per
+token replaces gathering [N, V] logits.
+
+Sequence parallel (Korthikanti et al. 2022): between the row- and column-parallel regions the
+residual stream is split along the sequence, so norms and residual adds run on S / tp tokens per rank;
+attention and the MLP all-gather their input; the final norm's output is all-gathered before the LM head.
+The sequence length must then be divisible by tp.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from ..models.transformer import Transformer
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False) -> Transformer:
+    """Shard ``model`` in place over ``tp_mesh`` (a 1-D mesh); a no-op when the mesh has one rank."""
+    if tp_mesh.size() == 1:
+        return model
+    sp = sequence_parallel
+    residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
+
+    root_plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)}
+    if model.lm_head is not None:  # tied: the embedding's row (vocabulary) sharding is the LM head's
+        root_plan["lm_head"] = ColwiseParallel(use_local_output=False)
+    if sp:
+        root_plan["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, root_plan)
+    if sp:  # the LM head needs every token: gather the final norm's output (reduce-scatter in backward)
+        parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()))
+
+    for layer in model.layers:
+        plan = {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+        }
+        if sp:
+            plan.update({
+                "input_layernorm": SequenceParallel(),
+                "post_attention_layernorm": SequenceParallel(),
+                # attention gets (x, cos, sin, mask, cache); only x is sequence-sharded
+                "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                                desired_input_layouts=(Replicate(), None, None, None, None)),
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(layer, tp_mesh, plan)
+    return model

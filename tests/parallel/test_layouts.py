@@ -1,0 +1,95 @@
+"""Parallel layouts under torchrun (gloo) against one process: same losses and gradients over 3
+optimizer steps (fp32, <= 1e-5). Each rank also trains an unsharded copy of the model on the whole
+batch, which is the single-process oracle."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from torchrun_helper import torchrun
+
+CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+B, S, STEPS = 4, 16, 3
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, CFG["vocab_size"], (B, S), generator=g)
+    docs = torch.tensor([[0] * 9 + [1] * 7, [0] * 16, [0] * 5 + [1] * 5 + [2] * 6, [0] * 12 + [-1] * 4])
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    targets[3, 11:] = -100  # padding and the last token of each row have no target
+    return ids, docs, targets
+
+
+def _loss(model, ids, docs, targets, n_global, scale=1.0):
+    """Global-token-mean NLL minus an entropy bonus; `scale` undoes FSDP's averaging over dp ranks."""
+    out = model(ids, document_ids=docs, targets=targets, temperature=0.9)
+    keep = (targets != -100).float()
+    return scale * (-(out.logp * keep).sum() - 0.1 * (out.entropy * keep).sum()) / n_global
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _layout_body():
+    from rlhf_engine.models import Transformer, TransformerConfig
+    from rlhf_engine.parallel import ParallelDims, apply_fsdp, apply_tensor_parallel
+
+    tp, fsdp, sp = (int(os.environ[k]) for k in ("TP", "FSDP", "SP"))
+    world = dist.get_world_size()
+    cfg = TransformerConfig(**CFG, tie_word_embeddings=bool(int(os.environ["TIED"])))
+    dims = ParallelDims(dp_replicate=1, dp_shard=fsdp, pp=1, tp=tp, world_size=world)
+    dims.check_model(cfg)
+    mesh = dims.build_mesh("cpu")
+    model = Transformer(cfg)
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    oracle = copy.deepcopy(model)
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=bool(sp))
+    apply_fsdp(model, mesh["dp_shard"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3, foreach=False)  # eps: updates stay proportional to tiny grads
+    opt_ref = torch.optim.AdamW(oracle.parameters(), lr=1e-2, eps=1e-3, foreach=False)
+    dp_rank = mesh["dp_shard"].get_local_rank()
+    rows = slice(dp_rank * B // fsdp, (dp_rank + 1) * B // fsdp)  # this rank's share of the batch
+    for step in range(STEPS):
+        ids, docs, targets = _batch(step)
+        n = (targets != -100).sum()
+        ref_loss = _loss(oracle, ids, docs, targets, n)
+        ref_loss.backward()
+        loss = _loss(model, ids[rows], docs[rows], targets[rows], n, scale=fsdp)
+        loss.backward()
+        total = loss.detach().clone() / fsdp
+        dist.all_reduce(total)  # sum over all ranks: each dp group's tp ranks hold the same value
+        total /= tp
+        assert abs(total.item() - ref_loss.item()) <= 1e-5, (step, total.item(), ref_loss.item())
+        ref_grads = dict(oracle.named_parameters())
+        for name, p in model.named_parameters():
+            want = ref_grads[name].grad
+            got = _full(p.grad)
+            assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (step, name)
+        opt.step(), opt_ref.step()
+        opt.zero_grad(), opt_ref.zero_grad()
+    for name, p in model.named_parameters():  # the weights stayed together too
+        assert (_full(p.detach()) - dict(oracle.named_parameters())[name].detach()).abs().max() <= 1e-5, name
+
+
+LAYOUTS = {  # name: (nproc, TP, FSDP, SP, tied)
+    "tp2": (2, 2, 1, 0, 0),
+    "tp2_sp": (2, 2, 1, 1, 0),
+    "tp2_tied": (2, 2, 1, 0, 1),
+    "fsdp2": (2, 1, 2, 0, 0),
+    "tp2_fsdp2_sp": (4, 2, 2, 1, 1),
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout):
+    nproc, tp, fsdp, sp, tied = LAYOUTS[layout]
+    torchrun(_layout_body, nproc=nproc, env={"TP": str(tp), "FSDP": str(fsdp), "SP": str(sp), "TIED": str(tied)})
