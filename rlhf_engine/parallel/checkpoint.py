@@ -1,0 +1,150 @@
+"""Sharded checkpoints with torch.distributed.checkpoint: atomic, and loadable at another layout.
+
+    save_checkpoint(run_dir / "checkpoints", step, model, optimizer, progress={"step": step, ...})
+    path = latest_checkpoint(run_dir / "checkpoints")
+    progress = load_checkpoint(path, model, optimizer)
+
+Layout independence: model and optimizer state are saved as DTensors with global metadata, so a run
+saved with tp=2 loads with tp=1, FSDP or another degree (DCP reshards on load). RNG states are saved
+per rank and restored only when the world size is unchanged (a resharded run reseeds).
+
+Atomicity: every rank writes into ``step_N.tmp``; after a barrier rank 0 writes ``progress.json`` and
+renames the directory to ``step_N``, then rewrites ``latest`` (write-then-rename). A save killed at any
+point leaves at most a ``*.tmp`` directory, which is never read, and the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+LATEST = "latest"
+PROGRESS = "progress.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: dict[str, Any] | None = None,
+) -> Path:
+    """Collective: every rank calls it. Returns ``directory/step_<step>``."""
+    directory = Path(directory)
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f"step_{step:08d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = {"step": step, "world_size": _world(), **(progress or {})}
+        (tmp / PROGRESS).write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer = directory / f".{LATEST}.tmp"
+        pointer.write_text(final.name)
+        pointer.replace(directory / LATEST)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``directory``, or None."""
+    directory = Path(directory)
+    pointer = directory / LATEST
+    if pointer.exists():
+        path = directory / pointer.read_text().strip()
+        if (path / PROGRESS).exists():
+            return path
+    complete = sorted(p for p in directory.glob("step_*") if p.suffix != ".tmp" and (p / PROGRESS).exists())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Collective. Loads into the model's (and optimizer's) current layout; returns the saved progress."""
+    path = Path(path)
+    if not (path / PROGRESS).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {PROGRESS})")
+    progress = json.loads((path / PROGRESS).read_text())
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    rng_file = path / f"rng_rank{_rank():05d}.pt"
+    if restore_rng and progress.get("world_size") == _world() and rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return progress
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded model state on CPU, materialized on rank 0 only (empty elsewhere)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(model: torch.nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> Path | None:
+    """Collective: gather a sharded ``Transformer`` and write it from rank 0 as a Hugging Face checkpoint."""
+    from ..models import Transformer, save_hf_model
+
+    state = full_state_dict(model)
+    out = None
+    if _rank() == 0:
+        with torch.device("meta"):
+            plain = Transformer(model.config)
+        plain.load_state_dict(state, assign=True)
+        out = save_hf_model(plain, path, tokenizer=tokenizer)
+    _barrier()
+    return out
