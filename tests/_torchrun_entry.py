@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+from pathlib import Path
 import traceback
 
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 
 def main(test_file: str, name: str) -> int:
     dist.init_process_group("gloo")
+    sys.path.insert(0, str(Path(test_file).parent))  # as pytest does: helpers beside the test file import
     try:
         spec = importlib.util.spec_from_file_location(f"_dist_test_{name}", test_file)
         module = importlib.util.module_from_spec(spec)

@@ -374,13 +374,18 @@ def local_vocab_shard(weight: torch.Tensor) -> tuple[torch.Tensor, int, "torch.d
 
 
 class Transformer(nn.Module):
-    """Token embedding -> decoder layers -> final RMSNorm; ``output_weight`` is the LM head."""
+    """Token embedding -> decoder layers -> final RMSNorm; ``output_weight`` is the LM head.
+
+    ``layers`` is keyed by global layer index, so a pipeline stage (``parallel.pipeline``), which holds
+    a slice of the layers and the embedding only if first and the norm and head only if last, keeps
+    the full model's parameter names.
+    """
 
     def __init__(self, cfg: TransformerConfig, spec: LayerSpec = LayerSpec()) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)})
         self.norm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Rotary frequencies: fp32 per device, outside the state dict and out of reach of .to(dtype),
@@ -410,7 +415,7 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # (B, S)
+        input_ids: torch.Tensor,  # (B, S) tokens; (B, S, D) hidden states on a pipeline stage without the embedding
         *,
         positions: torch.Tensor | None = None,  # (B, S); default: restart per document / continue cache
         document_ids: torch.Tensor | None = None,  # (B, S); packed rows or padding
@@ -425,9 +430,12 @@ class Transformer(nn.Module):
         forward (FSDP2) hold the LM head while it is used; under tensor parallelism the local
         vocabulary shard, its offset and the group come from the sharded weight.
         """
-        B, S = input_ids.shape
-        x = self.embed_tokens(input_ids)  # (B, S, D)
-        masks = self._mask_builder(input_ids, document_ids, kv_cache)
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids  # (B, S, D)
+        # Under sequence parallelism a later pipeline stage receives only its share of the sequence;
+        # rotary tables and masks are for the whole sequence, whose length document_ids/positions carry.
+        full = positions if positions is not None else document_ids
+        B, S = full.shape if full is not None else x.shape[:2]
+        masks = self._mask_builder(B, S, x.device, document_ids, kv_cache)
         if positions is None:
             if kv_cache is not None:
                 positions = torch.arange(kv_cache.length, kv_cache.length + S, device=x.device).expand(B, S)
@@ -436,20 +444,20 @@ class Transformer(nn.Module):
             else:
                 positions = torch.arange(S, device=x.device).expand(B, S)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # (B, S, d) each
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks(self.config.layer_window(i)), kv_cache)
+        for index, layer in self.layers.items():
+            x = layer(x, cos, sin, masks(self.config.layer_window(int(index))), kv_cache)
         if kv_cache is not None:
             kv_cache.commit()
+        if self.norm is None:  # a pipeline stage before the last: hand the residual stream on
+            return x
         hidden = self.norm(x)
         if targets is None:
             return hidden
         weight, offset, group = local_vocab_shard(self.output_weight)
         return linear_logprob(hidden, weight, targets, temperature=temperature, tp_group=group, vocab_offset=offset)
 
-    def _mask_builder(self, input_ids, document_ids, kv_cache) -> Callable[[int | None], torch.Tensor | None]:
+    def _mask_builder(self, B, S, device, document_ids, kv_cache) -> Callable[[int | None], torch.Tensor | None]:
         """Returns window -> mask, building each distinct mask once per forward."""
-        B, S = input_ids.shape
-        device = input_ids.device
         docs = document_ids if document_ids is not None else torch.zeros(B, S, dtype=torch.long, device=device)
         if kv_cache is not None:
             q_slots, k_docs = kv_cache.begin(docs)

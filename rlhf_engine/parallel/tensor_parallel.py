@@ -38,16 +38,20 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
     sp = sequence_parallel
     residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
 
-    root_plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)}
+    # A pipeline stage holds the embedding only if first and the norm and LM head only if last.
+    root_plan = {}
+    if model.embed_tokens is not None:
+        root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
     if model.lm_head is not None:  # tied: the embedding's row (vocabulary) sharding is the LM head's
         root_plan["lm_head"] = ColwiseParallel(use_local_output=False)
-    if sp:
+    if sp and model.norm is not None:
         root_plan["norm"] = SequenceParallel()
-    parallelize_module(model, tp_mesh, root_plan)
-    if sp:  # the LM head needs every token: gather the final norm's output (reduce-scatter in backward)
+    if root_plan:
+        parallelize_module(model, tp_mesh, root_plan)
+    if sp and model.norm is not None:  # the LM head needs every token: gather the final norm's output
         parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()))
 
-    for layer in model.layers:
+    for layer in model.layers.values():
         plan = {
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
