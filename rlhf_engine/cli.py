@@ -2,6 +2,7 @@
 
     rlhf-engine config show configs/sft_tiny.yaml optim.lr=1e-4   # merged, validated config as YAML
     rlhf-engine sft --config configs/sft_tiny.yaml trainer.max_steps=20
+    rlhf-engine plan --config configs/gpt3_175b_ppo.yaml --world-size 1024 --json
 
 Every training command takes ``--config RECIPE`` plus dotted ``key=value`` overrides; a bad key or
 value stops the command before any work, naming the key path.
@@ -15,6 +16,7 @@ import sys
 
 from .config import ConfigError, load_config, to_yaml
 from .data.jsonl import DataError
+from .parallel.dims import LayoutError
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -27,6 +29,14 @@ def _sft(args: argparse.Namespace) -> int:
 
     summary = run_sft(load_config(args.config, args.overrides))
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .parallel.plan import format_plan, plan
+
+    result = plan(load_config(args.config, args.overrides), args.world_size, args.gpu_memory_gb)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
 
@@ -48,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")
     sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=20")
     sft.set_defaults(func=_sft)
+
+    plan = sub.add_parser("plan", help="dry run: per-rank memory of a layout on a fake mesh (no GPUs, no allocation)")
+    plan.add_argument("--config", required=True, help="YAML recipe, e.g. configs/gpt3_175b_ppo.yaml")
+    plan.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs) to plan for")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU (default 80, an H100)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tp=4")
+    plan.set_defaults(func=_plan)
     return parser
 
 
@@ -55,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, LayoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

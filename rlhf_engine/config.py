@@ -40,10 +40,18 @@ class ModelConfig:
     """Decoder shape for a model initialised from scratch (exclusive with hf_path)."""
     tokenizer_path: str | None = None
     """Tokenizer directory; default: hf_path, or for a scratch model a byte-level BPE trained on the data."""
+    trunk_layers: int = 0
+    """RL roles share a frozen trunk of the embedding and this many lower layers (Sparrow: 64 of 80);
+    each role owns the layers above. 0: four separate models."""
 
     def __post_init__(self) -> None:
         if (self.hf_path is None) == (self.architecture is None):
             raise ValueError("set exactly one of model.hf_path and model.architecture")
+        if self.trunk_layers < 0:
+            raise ValueError("trunk_layers must be >= 0")
+        if self.architecture is not None and self.trunk_layers >= self.architecture.num_layers:
+            raise ValueError(f"trunk_layers={self.trunk_layers} must be below num_layers={self.architecture.num_layers}: "
+                             "every role needs at least one layer of its own")
 
 
 @section
@@ -58,15 +66,30 @@ class ParallelConfig:
     """Fully sharded data-parallel degree (FSDP2, ZeRO-3 style)."""
     dp_replicate: int = 1
     """Replicated data-parallel degree (HSDP's outer dimension)."""
+    sequence_parallel: bool = False
+    """Split norms and residual adds along the sequence across the tp ranks (Korthikanti et al. 2022)."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule."""
+    pp_stages_per_rank: int = 1
+    """Virtual stages per pipeline rank (interleaved_1f1b only)."""
+    pp_microbatches: int | None = None
+    """Microbatches per pipeline step; None: 2 * pp."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward, keeping only its input."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp_shard", "dp_replicate"):
+        for name in ("tp", "pp", "dp_replicate", "pp_stages_per_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.dp_shard < 1 and self.dp_shard != -1:
+            raise ValueError("dp_shard must be >= 1, or -1 to fill the world size")
+        if self.pp_stages_per_rank > 1 and self.pp_schedule != "interleaved_1f1b":
+            raise ValueError("pp_stages_per_rank > 1 needs pp_schedule='interleaved_1f1b'")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp_shard * self.dp_replicate
+        """Ranks this layout needs (dp_shard = -1 adapts to the launch, counted as 1 here)."""
+        return self.tp * self.pp * max(self.dp_shard, 1) * self.dp_replicate
 
 
 @section

@@ -8,6 +8,9 @@ tensor parallelism, the parameters become 2-D DTensors (dp_shard x tp). Mixed pr
 are gathered and computed in ``param_dtype`` while sharded master weights, optimizer state and the
 gradient reduction stay in fp32 (``reduce_dtype``).
 
+Hybrid sharding (HSDP): pass the 2-D mesh ``mesh["dp_replicate", "dp_shard"]``; FSDP2 shards over the
+inner dimension and all-reduces gradients over the outer one.
+
 FSDP averages gradients over the data-parallel ranks: a loss that is a mean over the *global* batch
 must be scaled by the data-parallel degree on each rank (sum of local terms / global count * dp).
 """
@@ -29,7 +32,7 @@ def apply_fsdp(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> Transformer:
-    """Shard ``model`` in place over ``dp_mesh``; a no-op for a one-rank mesh."""
+    """Shard ``model`` in place over ``dp_mesh`` (1-D: FSDP, 2-D: HSDP); a no-op for a one-rank mesh."""
     if dp_mesh.size() == 1:
         return model
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
