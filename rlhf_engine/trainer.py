@@ -60,19 +60,30 @@ def train_step(
     micro_batches: Sequence[Any],
     loss_fn: LossFn,
     grad_clip: float | None,
+    *,
+    num_targets: int | None = None,
+    loss_scale: float = 1.0,
 ) -> dict[str, float]:
-    """Accumulate gradients over ``micro_batches``, clip, step; returns the step's metrics."""
+    """Accumulate gradients over ``micro_batches``, clip, step; returns this rank's metrics (sums).
+
+    ``num_targets``: targets in the whole step across data-parallel ranks (default: these micro-batches).
+    ``loss_scale``: multiplies each loss before backward; the data-parallel degree under FSDP, which
+    averages gradients over ranks while the loss is already a global mean.
+    """
     model.train()
-    num_targets = sum(mb.num_targets for mb in micro_batches)
+    if num_targets is None:
+        num_targets = sum(mb.num_targets for mb in micro_batches)
     loss_total, stats_total = 0.0, {}
     for mb in micro_batches:
         loss, stats = loss_fn(model, mb, num_targets)
-        loss.backward()
+        (loss * loss_scale).backward()
         loss_total += loss.item()
         for k, v in stats.items():
             stats_total[k] = stats_total.get(k, 0.0) + v
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # DTensor under TP/FSDP
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]

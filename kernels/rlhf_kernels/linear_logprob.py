@@ -29,7 +29,7 @@ from .chunked import ChunkedImpl
 from .state import ZP, dz_coefficients, finalize, merge_across_ranks
 from .types import LogprobOutput
 
-_OUTPUTS = ("logp", "entropy", "ref_logp", "kl")
+_OUTPUTS = ("logp", "entropy", "ref_logp", "kl", "is_argmax")
 
 
 def _triton_available() -> bool:
@@ -73,11 +73,11 @@ class _FusedLinearLogprob(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         empty = state.new_zeros(0)
         results = tuple(out.get(k, empty) for k in _OUTPUTS)
-        ctx.mark_non_differentiable(results[2])
+        ctx.mark_non_differentiable(results[2], results[4])
         return results
 
     @staticmethod
-    def backward(ctx, g_lp, g_h, _g_ref, g_kl):
+    def backward(ctx, g_lp, g_h, _g_ref, g_kl, _g_argmax):
         xp, wp, xq, wq, y_local, keep, saved = ctx.saved_tensors
         has_policy, has_ref, inv_temp, group, impl = ctx.config
         nones = (None,) * 8
@@ -141,7 +141,7 @@ def linear_logprob(
     vocab_offset: int = 0,
     backend: Any = "auto",
 ) -> LogprobOutput:
-    """Per-token (logp, entropy, ref_logp, kl), each shaped like ``targets`` in fp32.
+    """Per-token (logp, entropy, ref_logp, kl, is_argmax), shaped like ``targets`` (fp32; is_argmax bool).
 
     Policy-only (no reference): ref_logp and kl are None. Reference-only (hidden=None): only ref_logp.
     Masked tokens return 0 in every output and pass no gradient.
@@ -173,7 +173,7 @@ def linear_logprob(
         y, float(temperature), ignore_index, vocab_offset, tp_group, impl,
     )
     has = {"logp": xp is not None, "entropy": xp is not None, "ref_logp": xq is not None,
-           "kl": xp is not None and xq is not None}
+           "kl": xp is not None and xq is not None, "is_argmax": xp is not None}
     return LogprobOutput(*(o.view(shape) if has[k] else None for k, o in zip(_OUTPUTS, outs)))
 
 

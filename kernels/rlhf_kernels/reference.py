@@ -30,17 +30,18 @@ def linear_logprob_reference(
     def logprobs(h, w):
         return torch.log_softmax(h.float() @ w.float().T / temperature, dim=-1)  # (N, V)
 
-    logp = entropy = ref_logp = kl = None
+    logp = entropy = ref_logp = kl = is_argmax = None
     if hidden is not None:
         lp_all = logprobs(hidden, weight)
         logp = torch.where(keep, lp_all.gather(1, y)[:, 0], 0.0)
         entropy = torch.where(keep, -(lp_all.exp() * lp_all).sum(-1), 0.0)
+        is_argmax = keep & (lp_all.gather(1, y)[:, 0] >= lp_all.max(-1).values)
     if ref_hidden is not None:
         lq_all = logprobs(ref_hidden, ref_weight).detach()
         ref_logp = torch.where(keep, lq_all.gather(1, y)[:, 0], 0.0)
         if hidden is not None:
             kl = torch.where(keep, (lp_all.exp() * (lp_all - lq_all)).sum(-1), 0.0)
-    return LogprobOutput(logp, entropy, ref_logp, kl)
+    return LogprobOutput(logp, entropy, ref_logp, kl, is_argmax)
 
 
 def gae_reference(

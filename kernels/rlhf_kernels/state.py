@@ -72,6 +72,7 @@ def finalize(
         ez = state[:, A] / state[:, S]
         out["logp"] = torch.where(keep, state[:, ZY] - zp, zero)
         out["entropy"] = torch.where(keep, zp - ez, zero)
+        out["is_argmax"] = keep & (state[:, ZY] >= state[:, M])  # z_y is the maximum itself, bit for bit
         saved[:, ZP], saved[:, EZ] = zp, ez
     if has_ref:
         zq = state[:, MQ] + torch.log(state[:, SQ])

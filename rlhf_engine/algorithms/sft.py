@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..data.packing import IGNORE_INDEX, PackedBatch
+from ..data.packing import PackedBatch
 from ..models.transformer import Transformer
 
 
 def sft_loss(model: Transformer, batch: PackedBatch, num_targets: int) -> tuple[torch.Tensor, dict[str, float]]:
     """sum over target tokens of -log p(y_t | x_<t), divided by ``num_targets``.
 
-    ``num_targets`` counts the targets of the whole accumulated step (all micro-batches), so the sum of
-    micro-batch losses is the token mean over the step however the tokens fall into micro-batches.
-    Logits are formed only at target positions ([n, V], not [B, S, V]).
+    ``num_targets`` counts the targets of the whole accumulated step (all micro-batches and all
+    data-parallel ranks), so the sum of micro-batch losses is the token mean over the global step however
+    the tokens fall into micro-batches. Log-probs come from the fused LM-head kernel (no logits);
+    ignored positions have logp = 0. Stats are sums, to be added across micro-batches and ranks.
     """
-    hidden = model(batch.input_ids, document_ids=batch.document_ids)  # (B, S, D)
-    keep = batch.labels != IGNORE_INDEX  # (B, S)
-    logits = model.logits(hidden[keep]).float()  # (n, V)
-    targets = batch.labels[keep]  # (n,)
-    nll = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum()
-    return nll / max(num_targets, 1), {"nll_sum": nll.item(), "correct": correct.item(), "targets": int(keep.sum())}
+    out = model(batch.input_ids, document_ids=batch.document_ids, targets=batch.labels)
+    nll = -out.logp.sum()
+    stats = {"nll_sum": nll.item(), "correct": float(out.is_argmax.sum()), "targets": float(batch.num_targets)}
+    return nll / max(num_targets, 1), stats

@@ -1,17 +1,19 @@
 """Supervised fine-tuning on chat demonstrations (InstructGPT step 1), loss on assistant tokens only.
 
     rlhf-engine sft --config configs/sft_tiny.yaml [key=value ...]
+    scripts/torchrun.sh 4 sft --config configs/sft_tiny.yaml parallel.tp=2 parallel.dp_shard=2
 
 Reads ``{"messages": [...]}`` JSONL (or the built-in demo set), renders each conversation with the
 tokenizer's chat template, packs conversations into rows of ``data.seq_len`` tokens, trains, evaluates
 on held-out conversations, prints sample responses, and exports the model with its tokenizer as a
-Hugging Face checkpoint under ``<out_dir>/hf``.
+Hugging Face checkpoint under ``<out_dir>/hf``. Under torchrun the model is tensor-parallel and/or
+FSDP-sharded as ``parallel.*`` says, each data-parallel rank trains on its share of the micro-batches,
+and rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -27,26 +29,11 @@ from ..data.chat import Message, parse_conversation, prompt_ids, tokenize_conver
 from ..data.jsonl import DataError, read_jsonl
 from ..data.packing import Example, PackedBatch, collate, next_token_example, pack
 from ..data.tokenizer import train_bpe_tokenizer
-from ..models import Transformer, load_hf_model, load_tokenizer, save_hf_model
+from ..models import Transformer, load_hf_model, load_tokenizer
+from ..parallel.checkpoint import export_hf
+from ..parallel.runtime import Runtime, init_runtime
 from ..rollout import generate
 from ..trainer import MetricsWriter, build_optimizer, build_scheduler, train_step
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_single_process(cfg: RunConfig) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.parallel.world_size != 1 or world != 1:
-        raise NotImplementedError(
-            f"this stage runs on one process; got parallel world size {cfg.parallel.world_size} and "
-            f"WORLD_SIZE={world}. Tensor/pipeline/FSDP layouts are not wired into the stages yet."
-        )
 
 
 def load_conversations(cfg: RunConfig) -> tuple[list[list[Message]], list[list[Message]]]:
@@ -66,24 +53,26 @@ def load_conversations(cfg: RunConfig) -> tuple[list[list[Message]], list[list[M
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
 
 
-def build_model_and_tokenizer(cfg: RunConfig, corpus: list[list[Message]], device: torch.device):
-    """The model (from an HF checkpoint or initialised from scratch) and its tokenizer."""
-    m, dtype = cfg.model, DTYPES[cfg.precision.dtype]
+def build_model_and_tokenizer(cfg: RunConfig, corpus: list[list[Message]], rt: Runtime, out: Path):
+    """The model (from an HF checkpoint or initialised from scratch, identically on every rank), laid out
+    as ``parallel.*`` says, and its tokenizer (a scratch tokenizer is trained once, on rank 0)."""
+    m = cfg.model
     tok_path = m.tokenizer_path or m.hf_path
-    if tok_path is not None:
-        tokenizer = load_tokenizer(tok_path)
-    else:
-        texts = (f"{msg.role}\n{msg.content}" for conv in corpus for msg in conv)
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=m.architecture.vocab_size)
+    if tok_path is None:
+        tok_path = out / "tokenizer"
+        if rt.is_main:
+            texts = (f"{msg.role}\n{msg.content}" for conv in corpus for msg in conv)
+            train_bpe_tokenizer(texts, vocab_size=m.architecture.vocab_size).save_pretrained(tok_path)
+        rt.barrier()
+    tokenizer = load_tokenizer(tok_path)
     if m.hf_path is not None:
-        model = load_hf_model(m.hf_path, dtype=dtype, device=device)
+        model = load_hf_model(m.hf_path)
     else:
         model = Transformer(m.architecture)
         model.reset_parameters(torch.Generator().manual_seed(cfg.trainer.seed))
-        model = model.to(device=device, dtype=dtype)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
-    return model, tokenizer
+    return rt.parallelize(model, cfg), tokenizer
 
 
 def to_examples(tokenizer, conversations: list[list[Message]], seq_len: int) -> list[Example]:
@@ -110,7 +99,8 @@ def micro_batches(examples: list[Example], cfg: RunConfig, pad_id: int) -> Itera
 
 @torch.no_grad()
 def evaluate(model: Transformer, batches: list[PackedBatch], device: torch.device) -> dict[str, float]:
-    """Token-mean NLL and next-token accuracy on assistant tokens of held-out conversations."""
+    """Token-mean NLL and next-token accuracy on assistant tokens of held-out conversations (every rank
+    evaluates the same batches)."""
     model.eval()
     nll = correct = targets = 0.0
     for b in batches:
@@ -121,17 +111,18 @@ def evaluate(model: Transformer, batches: list[PackedBatch], device: torch.devic
 
 def run_sft(cfg: RunConfig) -> dict[str, Any]:
     """Train, evaluate and export; returns the summary also written to ``<out_dir>/summary.json``."""
-    check_single_process(cfg)
     start = time.perf_counter()
+    rt = init_runtime(cfg)
     torch.manual_seed(cfg.trainer.seed)
-    device = resolve_device(cfg.trainer.device)
     out = Path(cfg.trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    rt.barrier()
 
     train_convs, eval_convs = load_conversations(cfg)
-    model, tokenizer = build_model_and_tokenizer(cfg, train_convs, device)
+    model, tokenizer = build_model_and_tokenizer(cfg, train_convs, rt, out)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = to_examples(tokenizer, train_convs, cfg.data.seq_len)
     eval_ex = to_examples(tokenizer, eval_convs, cfg.data.seq_len)
@@ -140,49 +131,77 @@ def run_sft(cfg: RunConfig) -> dict[str, Any]:
     eval_batches = [collate(eval_ex, eval_rows[i : i + mbs], cfg.data.seq_len, pad_id)
                     for i in range(0, len(eval_rows), mbs)][: cfg.trainer.eval_batches]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"sft: {n_params / 1e6:.2f}M parameters, {len(train_ex)} train / {len(eval_ex)} eval conversations, "
-          f"vocab {len(tokenizer)}, device {device}", file=sys.stderr)
+    if rt.is_main:
+        print(f"sft: {n_params / 1e6:.2f}M parameters, {len(train_ex)} train / {len(eval_ex)} eval conversations, "
+              f"vocab {len(tokenizer)}, {rt.world_size} process(es) on {rt.device.type}", file=sys.stderr)
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-    writer = MetricsWriter(out)
-    stream = micro_batches(train_ex, cfg, pad_id)
-    first_eval = evaluate(model, eval_batches, device)
-    writer.write({"step": 0, **first_eval})
-    progress = _progress(cfg)
+    writer = MetricsWriter(out) if rt.is_main else None
+    stream = rt.my_share(micro_batches(train_ex, cfg, pad_id))
+    first_eval = evaluate(model, eval_batches, rt.device)
+    log = _Log(writer, _progress(cfg) if rt.is_main else None)
+    log.write({"step": 0, **first_eval})
     tokens = 0
     for step in range(1, cfg.trainer.max_steps + 1):
-        batch = [next(stream).to(device) for _ in range(cfg.trainer.grad_accum_steps)]
+        batch = [next(stream).to(rt.device) for _ in range(cfg.trainer.grad_accum_steps)]
         t0 = time.perf_counter()
-        m = train_step(model, optimizer, scheduler, batch, sft_loss, cfg.optim.grad_clip)
-        tokens += sum(b.input_ids.numel() for b in batch)
-        m["accuracy"] = m.pop("correct") / max(m["targets"], 1)
-        m["tokens_per_s"] = sum(b.input_ids.numel() for b in batch) / (time.perf_counter() - t0)
-        del m["nll_sum"]
-        progress.update(1)
-        progress.set_postfix(loss=f"{m['loss']:.3f}")
+        local = {"targets": sum(b.num_targets for b in batch), "tokens": sum(b.input_ids.numel() for b in batch)}
+        n_global = int(rt.sum_over_dp({"targets": local["targets"]})["targets"])
+        m = train_step(model, optimizer, scheduler, batch, sft_loss, cfg.optim.grad_clip,
+                       num_targets=n_global, loss_scale=rt.loss_scale)
+        sums = rt.sum_over_dp({"loss": m["loss"], "correct": m["correct"], "tokens": local["tokens"]})
+        tokens += int(sums["tokens"])
+        record = {"loss": sums["loss"], "accuracy": sums["correct"] / max(n_global, 1), "grad_norm": m["grad_norm"],
+                  "lr": m["lr"], "targets": n_global, "tokens_per_s": sums["tokens"] / (time.perf_counter() - t0)}
+        log.step(record["loss"])
         if step % cfg.logging.log_every == 0 or step == cfg.trainer.max_steps:
-            writer.write({"step": step, **m}, echo=not progress.active)
+            log.write({"step": step, **record})
         if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.max_steps:
-            writer.write({"step": step, **evaluate(model, eval_batches, device)}, echo=not progress.active)
-    progress.close()
-    final_eval = evaluate(model, eval_batches, device)
-    writer.write({"step": cfg.trainer.max_steps, **final_eval})
+            log.write({"step": step, **evaluate(model, eval_batches, rt.device)})
+    log.close()
+    final_eval = evaluate(model, eval_batches, rt.device)
+    log.write({"step": cfg.trainer.max_steps, **final_eval}, echo=True)
 
-    samples = sample_responses(model, tokenizer, eval_convs[:4], cfg)
-    export = save_hf_model(model, out / "hf", tokenizer=tokenizer)
+    export = export_hf(model, out / "hf", tokenizer=tokenizer)
+    samples = sample_responses(model, tokenizer, eval_convs[:4], cfg) if rt.mesh is None else []
     summary = {
         "steps": cfg.trainer.max_steps,
+        "world_size": rt.world_size,
         "train_tokens": tokens,
         "eval_loss_initial": first_eval["eval_loss"],
         "eval_loss_final": final_eval["eval_loss"],
         "eval_accuracy_final": final_eval["eval_accuracy"],
         "wall_s": round(time.perf_counter() - start, 2),
-        "export": str(export),
+        "export": str(out / "hf"),
+        # Sampling from a sharded model needs the tensor-parallel generator; load the export instead.
         "samples": samples,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if rt.is_main:
+        assert export is not None
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _Log:
+    """Metrics to metrics.jsonl and the terminal on rank 0, and the progress bar."""
+
+    def __init__(self, writer: MetricsWriter | None, progress: "_progress | None") -> None:
+        self.writer, self.progress = writer, progress
+
+    def write(self, record: dict[str, Any], echo: bool | None = None) -> None:
+        if self.writer is not None:
+            active = self.progress is not None and self.progress.active
+            self.writer.write(record, echo=(not active) if echo is None else echo)
+
+    def step(self, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
 
 def sample_responses(model, tokenizer, conversations: list[list[Message]], cfg: RunConfig) -> list[dict[str, str]]:

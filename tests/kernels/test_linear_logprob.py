@@ -65,6 +65,7 @@ def test_forward_and_grads_match_oracle(impl, dtype):
     for g, w in ((dx, dx_w), (dw, dw_w)):
         assert g.dtype == dtype
         assert (g.float() - w.float()).abs().max() <= tol["grad"] * w.float().abs().max(), (g - w).abs().max()
+    assert torch.equal(got.is_argmax, want.is_argmax) and got.is_argmax.dtype == torch.bool
     masked = y == -100
     assert torch.all(dx[masked] == 0) and torch.all(got.logp[masked] == 0) and torch.all(got.kl[masked] == 0)
 
@@ -100,7 +101,9 @@ def test_logp_never_positive_with_peaked_distributions(impl):
         y = torch.where(torch.arange(N) % 2 == 0, logits.argmax(-1), y.clamp(min=0))  # half are the argmax
         out = linear_logprob(xp, wp, y, ref_hidden=xq, ref_weight=wq, backend=_impl(impl))
     assert out.logp.max() <= 0.0
+    assert out.is_argmax[::2].all()  # the even tokens' targets are the argmax
     want = linear_logprob_reference(xp, wp, y, ref_hidden=xq, ref_weight=wq)
+    assert torch.equal(out.is_argmax, want.is_argmax)
     assert (out.logp - want.logp).abs().max() <= 1e-5 * max(1.0, want.logp.abs().max().item())
 
 

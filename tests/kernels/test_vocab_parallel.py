@@ -49,6 +49,7 @@ def _vocab_parallel_body():
     for name in ("logp", "entropy", "ref_logp", "kl"):
         a, b = getattr(part, name), getattr(full, name)
         assert (a - b).abs().max() <= 1e-5, (name, (a - b).abs().max())
+    assert torch.equal(part.is_argmax, full.is_argmax)
     assert (dx - dx_full).abs().max() <= 1e-5 * dx_full.abs().max()
     assert (dw - dw_full[lo:hi]).abs().max() <= 1e-5 * dw_full.abs().max()
     # every rank holds the same bits

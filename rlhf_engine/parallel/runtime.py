@@ -1,0 +1,122 @@
+"""The process runtime of a stage: device, process group, mesh, and how a model is parallelized.
+
+    rt = init_runtime(cfg)              # reads torchrun's WORLD_SIZE / RANK / LOCAL_RANK
+    model = rt.parallelize(model, cfg)  # tensor (+ sequence) parallel, then FSDP2 / HSDP
+    batches = rt.my_share(stream)       # this data-parallel rank's micro-batches
+    totals = rt.sum_over_dp({"targets": n})
+
+The same stage code runs as one process (``rlhf-engine sft ...``) or under torchrun / Slurm
+(``scripts/torchrun.sh 4 sft ...``): NCCL on CUDA, gloo on CPU. Order of application is fixed:
+tensor parallel on ``mesh['tp']`` first, then FSDP over the data-parallel mesh (2-D for HSDP), so
+parameters become (dp, tp) DTensors. Pipeline parallelism needs a pipelined step (``parallel.pipeline``)
+that the stages' loops do not drive yet; they refuse pp > 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..config import RunConfig
+from .dims import LayoutError, ParallelDims
+from .fsdp import apply_fsdp
+from .tensor_parallel import apply_tensor_parallel
+
+T = TypeVar("T")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto': this process's GPU when CUDA is present, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dims: ParallelDims
+    mesh: DeviceMesh | None  # None in a single process
+    rank: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        if self.mesh is None:
+            return 0
+        return self.mesh["dp_replicate"].get_local_rank() * self.dims.dp_shard + self.mesh["dp_shard"].get_local_rank()
+
+    def parallelize(self, model, cfg: RunConfig):
+        """Apply the configured layout to ``model`` (on this runtime's device) in place."""
+        if self.dims.pp > 1:
+            raise LayoutError(f"pp={self.dims.pp}: this stage's loop does not drive a pipeline schedule yet; "
+                              "use tp, dp_shard and dp_replicate")
+        dtype = DTYPES[cfg.precision.dtype]
+        if self.mesh is None:
+            return model.to(device=self.device, dtype=dtype)
+        self.dims.check_model(model.config)
+        model.to(self.device)  # fp32 masters; FSDP computes in `dtype`
+        apply_tensor_parallel(model, self.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
+        dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
+        if dp_mesh.size() > 1:
+            apply_fsdp(model, dp_mesh, param_dtype=dtype, reduce_dtype=torch.float32)
+        elif dtype != torch.float32:
+            model.to(dtype)
+        return model
+
+    @property
+    def loss_scale(self) -> float:
+        """FSDP averages gradients over data-parallel ranks; a global-mean loss is scaled back up."""
+        return float(self.dims.dp) if self.mesh is not None and self.dims.dp > 1 else 1.0
+
+    def my_share(self, stream: Iterator[T]) -> Iterator[T]:
+        """Every dp-th item of a stream that all ranks generate identically."""
+        for i, item in enumerate(stream):
+            if i % self.dims.dp == self.dp_rank:
+                yield item
+
+    def sum_over_dp(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum per-rank numbers over the data-parallel ranks (tensor/pipeline peers hold the same values)."""
+        if self.mesh is None:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        t /= self.dims.tp * self.dims.pp
+        return dict(zip(keys, t.tolist()))
+
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
+
+
+def init_runtime(cfg: RunConfig) -> Runtime:
+    """One process, or the torchrun / Slurm world this process belongs to."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    mesh = None
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        mesh = dims.build_mesh(device.type)
+    return Runtime(device=device, dims=dims, mesh=mesh, rank=rank)
