@@ -57,7 +57,7 @@ def resolve_impl(backend: Any, device: torch.device):
 
 class _FusedLinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xp, wp, xq, wq, targets, temperature, ignore_index, vocab_offset, group, impl):
+    def forward(ctx, xp, wp, xq, wq, targets, temperature, ignore_index, vocab_offset, group, impl, out_shape):
         has_policy, has_ref = xp is not None, xq is not None
         v_local = (wp if has_policy else wq).shape[0]
         keep = targets != ignore_index  # (N,)
@@ -72,7 +72,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
         ctx.config = (has_policy, has_ref, inv_temp, group, impl)
         ctx.set_materialize_grads(False)
         empty = state.new_zeros(0)
-        results = tuple(out.get(k, empty) for k in _OUTPUTS)
+        # Shaped here, so callers get fresh outputs rather than views (FSDP2 warns about returned views).
+        results = tuple(out[k].view(out_shape) if k in out else empty for k in _OUTPUTS)
         ctx.mark_non_differentiable(results[2], results[4])
         return results
 
@@ -80,14 +81,14 @@ class _FusedLinearLogprob(torch.autograd.Function):
     def backward(ctx, g_lp, g_h, _g_ref, g_kl, _g_argmax):
         xp, wp, xq, wq, y_local, keep, saved = ctx.saved_tensors
         has_policy, has_ref, inv_temp, group, impl = ctx.config
-        nones = (None,) * 8
+        nones = (None,) * 9
         if not has_policy or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return (None, None) + nones
         N, H = xp.shape
         V = wp.shape[0]
 
         def grad(g):
-            return torch.zeros(N, dtype=torch.float32, device=xp.device) if g is None or g.numel() == 0 else g.float()
+            return torch.zeros(N, dtype=torch.float32, device=xp.device) if g is None or g.numel() == 0 else g.reshape(N).float()
 
         g_lp, g_h, g_kl = grad(g_lp), grad(g_h), grad(g_kl)
         need_u = has_ref and bool((g_kl != 0).any())
@@ -170,11 +171,11 @@ def linear_logprob(
     outs = _FusedLinearLogprob.apply(
         xp, weight.contiguous() if weight is not None else None, xq,
         ref_weight.detach().contiguous() if ref_weight is not None else None,
-        y, float(temperature), ignore_index, vocab_offset, tp_group, impl,
+        y, float(temperature), ignore_index, vocab_offset, tp_group, impl, tuple(shape),
     )
     has = {"logp": xp is not None, "entropy": xp is not None, "ref_logp": xq is not None,
            "kl": xp is not None and xq is not None, "is_argmax": xp is not None}
-    return LogprobOutput(*(o.view(shape) if has[k] else None for k, o in zip(_OUTPUTS, outs)))
+    return LogprobOutput(*(o if has[k] else None for k, o in zip(_OUTPUTS, outs)))
 
 
 def reference_logprob(

@@ -7,8 +7,8 @@
 
 The same stage code runs as one process (``rlhf-engine sft ...``) or under torchrun / Slurm
 (``scripts/torchrun.sh 4 sft ...``): NCCL on CUDA, gloo on CPU. Order of application is fixed:
-tensor parallel on ``mesh['tp']`` first, then FSDP over the data-parallel mesh (2-D for HSDP), so
-parameters become (dp, tp) DTensors. Pipeline parallelism needs a pipelined step (``parallel.pipeline``)
+tensor parallel on ``mesh['tp']`` first, then activation checkpointing (if configured), then FSDP over
+the data-parallel mesh (2-D for HSDP), so parameters become (dp, tp) DTensors. Pipeline parallelism needs a pipelined step (``parallel.pipeline``)
 that the stages' loops do not drive yet; they refuse pp > 1.
 """
 
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import RunConfig
+from .activation_checkpoint import apply_activation_checkpointing
 from .dims import LayoutError, ParallelDims
 from .fsdp import apply_fsdp
 from .tensor_parallel import apply_tensor_parallel
@@ -69,10 +70,13 @@ class Runtime:
                               "use tp, dp_shard and dp_replicate")
         dtype = DTYPES[cfg.precision.dtype]
         if self.mesh is None:
-            return model.to(device=self.device, dtype=dtype)
+            model = model.to(device=self.device, dtype=dtype)
+            return apply_activation_checkpointing(model) if cfg.parallel.activation_checkpointing else model
         self.dims.check_model(model.config)
         model.to(self.device)  # fp32 masters; FSDP computes in `dtype`
         apply_tensor_parallel(model, self.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
+        if cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
         dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
         if dp_mesh.size() > 1:
             apply_fsdp(model, dp_mesh, param_dtype=dtype, reduce_dtype=torch.float32)

@@ -16,9 +16,9 @@ from parallel_oracle import B, CFG, STEPS, _batch, _full, _loss
 
 def _layout_body():
     from rlhf_engine.models import Transformer, TransformerConfig
-    from rlhf_engine.parallel import ParallelDims, apply_fsdp, apply_tensor_parallel
+    from rlhf_engine.parallel import ParallelDims, apply_activation_checkpointing, apply_fsdp, apply_tensor_parallel
 
-    tp, fsdp, sp = (int(os.environ[k]) for k in ("TP", "FSDP", "SP"))
+    tp, fsdp, sp, ac = (int(os.environ[k]) for k in ("TP", "FSDP", "SP", "AC"))
     world = dist.get_world_size()
     cfg = TransformerConfig(**CFG, tie_word_embeddings=bool(int(os.environ["TIED"])))
     dims = ParallelDims(dp_replicate=1, dp_shard=fsdp, pp=1, tp=tp, world_size=world)
@@ -28,6 +28,8 @@ def _layout_body():
     model.reset_parameters(torch.Generator().manual_seed(0))
     oracle = copy.deepcopy(model)
     apply_tensor_parallel(model, mesh["tp"], sequence_parallel=bool(sp))
+    if ac:
+        apply_activation_checkpointing(model)
     apply_fsdp(model, mesh["dp_shard"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3, foreach=False)  # eps: updates stay proportional to tiny grads
     opt_ref = torch.optim.AdamW(oracle.parameters(), lr=1e-2, eps=1e-3, foreach=False)
@@ -46,26 +48,31 @@ def _layout_body():
         assert abs(total.item() - ref_loss.item()) <= 1e-5, (step, total.item(), ref_loss.item())
         ref_grads = dict(oracle.named_parameters())
         for name, p in model.named_parameters():
-            want = ref_grads[name].grad
+            want = ref_grads[_plain(name)].grad
             got = _full(p.grad)
             assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (step, name)
         opt.step(), opt_ref.step()
         opt.zero_grad(), opt_ref.zero_grad()
     for name, p in model.named_parameters():  # the weights stayed together too
-        assert (_full(p.detach()) - dict(oracle.named_parameters())[name].detach()).abs().max() <= 1e-5, name
+        assert (_full(p.detach()) - dict(oracle.named_parameters())[_plain(name)].detach()).abs().max() <= 1e-5, name
 
 
-LAYOUTS = {  # name: (nproc, TP, FSDP, SP, tied)
-    "tp2": (2, 2, 1, 0, 0),
-    "tp2_sp": (2, 2, 1, 1, 0),
-    "tp2_tied": (2, 2, 1, 0, 1),
-    "fsdp2": (2, 1, 2, 0, 0),
-    "tp2_fsdp2_sp": (4, 2, 2, 1, 1),
+def _plain(name):  # activation checkpointing's wrapper shows in named_parameters (not in state dicts)
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+LAYOUTS = {  # name: (nproc, TP, FSDP, SP, tied, activation checkpointing)
+    "tp2": (2, 2, 1, 0, 0, 0),
+    "tp2_sp": (2, 2, 1, 1, 0, 0),
+    "tp2_tied": (2, 2, 1, 0, 1, 0),
+    "fsdp2": (2, 1, 2, 0, 0, 0),
+    "tp2_fsdp2_sp_ac": (4, 2, 2, 1, 1, 1),
 }
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout):
-    nproc, tp, fsdp, sp, tied = LAYOUTS[layout]
-    torchrun(_layout_body, nproc=nproc, env={"TP": str(tp), "FSDP": str(fsdp), "SP": str(sp), "TIED": str(tied)})
+    nproc, tp, fsdp, sp, tied, ac = LAYOUTS[layout]
+    torchrun(_layout_body, nproc=nproc, env={"TP": str(tp), "FSDP": str(fsdp), "SP": str(sp), "TIED": str(tied),
+                                             "AC": str(ac)})
