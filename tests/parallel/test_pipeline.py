@@ -1,5 +1,6 @@
-"""Pipeline parallel under torchrun (gloo): GPipe, 1F1B, interleaved 1F1B and TP x PP give the same
-losses and gradients as one process over 3 optimizer steps; bad splits are refused."""
+"""Pipeline parallel under torchrun (gloo): GPipe, 1F1B, interleaved 1F1B, TP x PP, PP x FSDP and
+TP x PP x FSDP give the same losses and gradients as one process over 3 optimizer steps; bad splits
+are refused."""
 
 import copy
 import os
@@ -17,13 +18,13 @@ def _pp_body():
     from parallel_oracle import B, STEPS, _batch, _full, _loss
 
     from rlhf_engine.models import Transformer, TransformerConfig
-    from rlhf_engine.parallel import ParallelDims, apply_tensor_parallel
+    from rlhf_engine.parallel import ParallelDims, apply_fsdp, apply_tensor_parallel
     from rlhf_engine.parallel.pipeline import build_schedule, split_into_stages
 
-    tp, pp, per_rank = int(os.environ["TP"]), int(os.environ["PP"]), int(os.environ["STAGES_PER_RANK"])
+    tp, pp, per_rank, fsdp = (int(os.environ[k]) for k in ("TP", "PP", "STAGES_PER_RANK", "FSDP"))
     schedule_name = os.environ["SCHEDULE"]
     cfg = TransformerConfig(**CFG)
-    dims = ParallelDims(dp_replicate=1, dp_shard=1, pp=pp, tp=tp, world_size=dist.get_world_size())
+    dims = ParallelDims(dp_replicate=1, dp_shard=fsdp, pp=pp, tp=tp, world_size=dist.get_world_size())
     dims.check_model(cfg)
     mesh = dims.build_mesh("cpu")
     model = Transformer(cfg)
@@ -32,17 +33,19 @@ def _pp_body():
     stages = split_into_stages(model, mesh["pp"].get_local_rank(), pp, per_rank)
     for _, stage in stages:
         apply_tensor_parallel(stage, mesh["tp"], sequence_parallel=tp > 1)
+        apply_fsdp(stage, mesh["dp_shard"], reshard_after_forward=False)  # keep params across microbatches
     params = [p for _, stage in stages for p in stage.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-2, eps=1e-3, foreach=False)
     opt_ref = torch.optim.AdamW(oracle.parameters(), lr=1e-2, eps=1e-3, foreach=False)
     state = {}
 
-    def loss_fn(output, target):  # one microbatch's share of the global-token-mean loss
+    def loss_fn(output, target):  # one microbatch's share of the global-token-mean loss (x dp: FSDP averages)
         logp, entropy = output
         keep = (target != -100).float()
-        return (-(logp * keep).sum() - 0.1 * (entropy * keep).sum()) / state["n"]
+        return fsdp * (-(logp * keep).sum() - 0.1 * (entropy * keep).sum()) / state["n"]
 
-    schedule = build_schedule(stages, mesh["pp"], schedule_name, n_microbatches=B, loss_fn=loss_fn)
+    rows = slice(mesh["dp_shard"].get_local_rank() * B // fsdp, (mesh["dp_shard"].get_local_rank() + 1) * B // fsdp)
+    schedule = build_schedule(stages, mesh["pp"], schedule_name, n_microbatches=B // fsdp, loss_fn=loss_fn)
     has_first = any(i == 0 for i, _ in stages)
     has_last = any(i == pp * per_rank - 1 for i, _ in stages)
     for step in range(STEPS):
@@ -51,10 +54,13 @@ def _pp_body():
         ref_loss = _loss(oracle, ids, docs, targets, state["n"])
         ref_loss.backward()
         losses = []
+        ids, docs, targets = ids[rows], docs[rows], targets[rows]  # this data-parallel rank's rows
         args = (ids,) if has_first else ()
         schedule.step(*args, document_ids=docs, targets=targets, temperature=0.9, target=targets, losses=losses)
         if has_last:
-            assert abs(sum(l.item() for l in losses) - ref_loss.item()) <= 1e-5, (step, losses, ref_loss)
+            total = torch.tensor(sum(l.item() for l in losses) / fsdp)
+            dist.all_reduce(total, group=mesh["dp_shard"].get_group())
+            assert abs(total.item() - ref_loss.item()) <= 1e-5, (step, losses, ref_loss)
         ref = dict(oracle.named_parameters())
         for _, stage in stages:
             for name, p in stage.named_parameters():
@@ -64,20 +70,22 @@ def _pp_body():
         opt.zero_grad(), opt_ref.zero_grad()
 
 
-CASES = {  # name: (nproc, TP, PP, stages per rank, schedule)
-    "pp2_gpipe": (2, 1, 2, 1, "gpipe"),
-    "pp2_1f1b": (2, 1, 2, 1, "1f1b"),
-    "pp2_interleaved": (2, 1, 2, 2, "interleaved_1f1b"),
-    "tp2_pp2_sp_1f1b": (4, 2, 2, 1, "1f1b"),
+CASES = {  # name: (nproc, TP, PP, stages per rank, schedule, FSDP)
+    "pp2_gpipe": (2, 1, 2, 1, "gpipe", 1),
+    "pp2_1f1b": (2, 1, 2, 1, "1f1b", 1),
+    "pp2_interleaved": (2, 1, 2, 2, "interleaved_1f1b", 1),
+    "tp2_pp2_sp_1f1b": (4, 2, 2, 1, "1f1b", 1),
+    "pp2_fsdp2_1f1b": (4, 1, 2, 1, "1f1b", 2),
+    "tp2_pp2_fsdp2_sp_interleaved": (8, 2, 2, 2, "interleaved_1f1b", 2),
 }
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_matches_single_process(case):
-    nproc, tp, pp, per_rank, schedule = CASES[case]
+    nproc, tp, pp, per_rank, schedule, fsdp = CASES[case]
     torchrun(_pp_body, nproc=nproc, env={"TP": str(tp), "PP": str(pp), "STAGES_PER_RANK": str(per_rank),
-                                         "SCHEDULE": schedule})
+                                         "SCHEDULE": schedule, "FSDP": str(fsdp)})
 
 
 def test_bad_splits_are_refused():
