@@ -72,8 +72,10 @@ class _FusedLinearLogprob(torch.autograd.Function):
         ctx.config = (has_policy, has_ref, inv_temp, group, impl)
         ctx.set_materialize_grads(False)
         empty = state.new_zeros(0)
-        # Shaped here, so callers get fresh outputs rather than views (FSDP2 warns about returned views).
-        results = tuple(out[k].view(out_shape) if k in out else empty for k in _OUTPUTS)
+        # Fresh tensors in the caller's shape, never views: an in-place op on a view returned through
+        # FSDP2 would silently skip its backward all-gather. The copies are a few N-length vectors.
+        results = tuple((out[k] if out[k].shape == out_shape else out[k].reshape(out_shape).clone())
+                        if k in out else empty for k in _OUTPUTS)
         ctx.mark_non_differentiable(results[2], results[4])
         return results
 

@@ -76,3 +76,28 @@ def test_layout_matches_single_process(layout):
     nproc, tp, fsdp, sp, tied, ac = LAYOUTS[layout]
     torchrun(_layout_body, nproc=nproc, env={"TP": str(tp), "FSDP": str(fsdp), "SP": str(sp), "TIED": str(tied),
                                              "AC": str(ac)})
+
+
+def _bf16_fsdp_body():
+    from rlhf_engine.models import Transformer, TransformerConfig
+    from rlhf_engine.parallel import ParallelDims, apply_fsdp
+
+    mesh = ParallelDims(dp_replicate=1, dp_shard=2, pp=1, tp=1, world_size=2).build_mesh("cpu")
+    model = Transformer(TransformerConfig(**CFG))
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    oracle = copy.deepcopy(model)
+    apply_fsdp(model, mesh["dp_shard"], param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    ids, docs, targets = _batch(0)
+    n = (targets != -100).sum()
+    rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+    _loss(model, ids[rows], docs[rows], targets[rows], n, scale=2).backward()
+    _loss(oracle, ids, docs, targets, n).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), oracle.named_parameters()):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32  # fp32 masters and reduced grads
+        got = _full(p.grad)
+        assert (got - q.grad).norm() / q.grad.norm() < 2e-2, name  # bf16 compute: within bf16 error
+
+
+@pytest.mark.dist
+def test_fsdp_bf16_compute_with_fp32_masters_and_reduction():
+    torchrun(_bf16_fsdp_body, nproc=2)
