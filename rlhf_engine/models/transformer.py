@@ -381,13 +381,26 @@ class Transformer(nn.Module):
     the full model's parameter names.
     """
 
-    def __init__(self, cfg: TransformerConfig, spec: LayerSpec = LayerSpec()) -> None:
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        spec: LayerSpec = LayerSpec(),
+        *,
+        layers: range | None = None,
+        embedding: bool = True,
+        final_norm: bool = True,
+        lm_head: bool = True,
+    ) -> None:
+        """The whole decoder by default; a slice (``layers``, without ``embedding`` or ``final_norm``/``lm_head``)
+        for the frozen trunk and the role heads (``models.roles``)."""
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)})
-        self.norm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embedding else None
+        layers = range(cfg.num_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in layers})
+        self.norm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps) if final_norm else None
+        untied = lm_head and not (cfg.tie_word_embeddings and embedding)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if untied else None
         # Rotary frequencies: fp32 per device, outside the state dict and out of reach of .to(dtype),
         # which would round a buffer to bf16.
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -400,6 +413,8 @@ class Transformer(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         """LM-head weight (V, D): the embedding itself when tied."""
+        if self.lm_head is None and self.embed_tokens is None:
+            raise AttributeError("this slice of the decoder has no LM head")
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -446,10 +461,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # (B, S, d) each
         for index, layer in self.layers.items():
             x = layer(x, cos, sin, masks(self.config.layer_window(int(index))), kv_cache)
+        if self.norm is None:  # a trunk or an early pipeline stage: hand the residual stream on
+            return x  # (the slice that ends the decoder commits the cache step: trunk and head share one)
         if kv_cache is not None:
             kv_cache.commit()
-        if self.norm is None:  # a pipeline stage before the last: hand the residual stream on
-            return x
         hidden = self.norm(x)
         if targets is None:
             return hidden

@@ -1,0 +1,328 @@
+"""RL roles over a shared frozen trunk: policy, reference, critic and reward heads (Sparrow-style).
+
+The SFT decoder is cut at layer k. The *trunk* (token embedding + layers [0, k)) is frozen and stored
+once; each role owns layers [k, L), a final norm and its output:
+
+    policy     trainable   LM head              log-probs, entropy (and exact KL against the reference)
+    reference  frozen      LM head              a copy of the initial policy head
+    critic     trainable   scalar head          per-token values; initialised from the reward head
+    reward     frozen      scalar head          the score read at the last response token
+
+``k = 0`` gives four separate models (each head embeds for itself): the baseline that benchmarks compare
+against. One call runs the trunk once and any subset of heads on its boundary states:
+
+    roles = RoleModel.from_sft(sft_model, trunk_layers=k, reward=reward_model)
+    out = roles(input_ids, document_ids=docs, targets=targets, roles={Role.POLICY, Role.REFERENCE, Role.CRITIC})
+    out.logp, out.kl, out.values, out.trunk_states
+
+During PPO epochs the boundary states of a rollout batch are cached (``encode_trunk``) and passed back as
+``trunk_states``: no trunk recompute and no trunk backward. Everything is computed inside ``forward`` so
+that FSDP2, which gathers parameters around a module's forward, holds every head's output weights while
+they are used. Head layers keep their global indices, so one ``KVCache`` of L layers serves trunk +
+policy during generation, and the tensor-parallel plan applies to trunk and heads unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import torch
+from pydantic import TypeAdapter
+from rlhf_kernels import linear_logprob
+from torch import nn
+
+from .transformer import KVCache, LayerSpec, Transformer, TransformerConfig, local_vocab_shard
+
+
+class Role(enum.Enum):
+    POLICY = "policy"
+    REFERENCE = "reference"
+    CRITIC = "critic"
+    REWARD = "reward"
+
+
+TRAINABLE = {Role.POLICY: True, Role.REFERENCE: False, Role.CRITIC: True, Role.REWARD: False}
+LM_ROLES = (Role.POLICY, Role.REFERENCE)
+SCALAR_ROLES = (Role.CRITIC, Role.REWARD)
+
+
+class RoleHead(Transformer):
+    """Layers [k, L) + final norm + an output: an LM head (V, D) or a scalar head (1, D).
+
+    A ``Transformer`` slice, so its forward maps boundary states (or tokens when k = 0) to final hidden
+    states with the same masks, positions and cache handling as the full model. Roles never tie the LM
+    head to the embedding: the policy's head trains while the embedding sits in the frozen trunk.
+    """
+
+    def __init__(self, cfg: TransformerConfig, trunk_layers: int, kind: str, spec: LayerSpec = LayerSpec()) -> None:
+        if kind not in ("lm", "scalar"):
+            raise ValueError(f"kind must be 'lm' or 'scalar', got {kind!r}")
+        untied = TransformerConfig(**{**cfg.__dict__, "tie_word_embeddings": False})
+        super().__init__(untied, spec, layers=range(trunk_layers, cfg.num_layers), embedding=trunk_layers == 0,
+                         lm_head=kind == "lm")
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if kind == "scalar" else None
+
+
+class RoleOutput(NamedTuple):
+    """Per-token results, (B, S); None where the role was not run or no targets were given. A NamedTuple,
+    so wrappers that walk outputs (FSDP2's backward hooks) find the tensors."""
+
+    logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_argmax: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    kl: torch.Tensor | None = None  # exact KL(policy || reference), when both ran
+    values: torch.Tensor | None = None  # critic
+    rewards: torch.Tensor | None = None  # reward model score at every position (read the last one)
+    trunk_states: torch.Tensor | None = None  # (B, S, D) boundary states, None for k = 0
+
+
+@dataclass
+class TrunkCache:
+    """Boundary states of a rollout batch kept across PPO epochs (optionally bf16, optionally on CPU)."""
+
+    states: torch.Tensor  # (B, S, D)
+    compute_dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.states.numel() * self.states.element_size()
+
+    def get(self, device: torch.device | str, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        states = self.states if rows is None else self.states[rows]
+        return states.to(device=device, dtype=self.compute_dtype, non_blocking=True)
+
+
+class RoleModel(nn.Module):
+    """The frozen trunk and the four role heads, run together (see the module docstring)."""
+
+    def __init__(self, cfg: TransformerConfig, trunk_layers: int, spec: LayerSpec = LayerSpec()) -> None:
+        super().__init__()
+        if not 0 <= trunk_layers < cfg.num_layers:
+            raise ValueError(f"trunk_layers={trunk_layers} must be in [0, num_layers={cfg.num_layers})")
+        self.config = cfg
+        self.trunk_layers = trunk_layers
+        self.trunk = None
+        if trunk_layers > 0:  # embedding + layers [0, k), no final norm and no head
+            self.trunk = Transformer(cfg, spec, layers=range(trunk_layers), final_norm=False, lm_head=False)
+        self.heads = nn.ModuleDict({
+            role.value: RoleHead(cfg, trunk_layers, "lm" if role in LM_ROLES else "scalar", spec) for role in Role
+        })
+        self.freeze()
+
+    # ------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_sft(
+        cls,
+        sft: Transformer,
+        trunk_layers: int,
+        *,
+        reward: "Transformer | None" = None,
+        reward_score: torch.Tensor | None = None,
+    ) -> "RoleModel":
+        """Roles initialised from an SFT model: trunk and policy/reference heads copy it; the reward head
+        copies ``reward`` (a model of the same shape, e.g. the RM's decoder) and ``reward_score`` (1, D),
+        else the SFT layers and a zero score; the critic starts as a copy of the reward head."""
+        with torch.device("meta"):
+            model = cls(sft.config, trunk_layers)
+        state = {}
+        sft_state = sft.state_dict()
+        if trunk_layers > 0:
+            state.update({f"trunk.{k}": v for k, v in sft_state.items() if _in_trunk(k, trunk_layers)})
+        rm_state = (reward if reward is not None else sft).state_dict()
+        for role in Role:
+            src = sft_state if role in LM_ROLES else rm_state
+            for name in model.heads[role.value].state_dict():
+                key = f"heads.{role.value}.{name}"
+                if name == "lm_head.weight":
+                    state[key] = sft.output_weight.detach()
+                elif name == "score.weight":
+                    state[key] = reward_score if reward_score is not None else torch.zeros(1, sft.config.hidden_size)
+                else:
+                    state[key] = src[name]
+        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        model.freeze()
+        return model
+
+    def freeze(self) -> None:
+        """Trunk, reference and reward never train: no gradients, so no optimizer state either."""
+        if self.trunk is not None:
+            self.trunk.requires_grad_(False)
+        for role in Role:
+            self.heads[role.value].requires_grad_(TRAINABLE[role])
+
+    def head(self, role: Role) -> RoleHead:
+        return self.heads[role.value]
+
+    def trainable_parameters(self, roles: Iterable[Role] = (Role.POLICY, Role.CRITIC)) -> list[nn.Parameter]:
+        return [p for r in roles for p in self.head(r).parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------ running
+
+    @torch.no_grad()
+    def encode_trunk(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        store_dtype: torch.dtype | None = None,
+        offload: bool = False,
+    ) -> TrunkCache:
+        """Run the trunk once and keep its boundary states (B, S, D) for reuse across PPO epochs."""
+        if self.trunk is None:
+            raise ValueError("trunk_layers = 0: there is no shared trunk to cache")
+        states = self.trunk(input_ids, document_ids=document_ids, positions=positions)
+        compute_dtype = states.dtype
+        states = states.to(dtype=store_dtype or compute_dtype, device="cpu" if offload else states.device)
+        if offload and torch.cuda.is_available():
+            states = states.pin_memory()
+        return TrunkCache(states, compute_dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, S) tokens
+        *,
+        roles: Iterable[Role] = tuple(Role),
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,  # (B, S) next tokens for log-probs, -100 where ignored
+        trunk_states: torch.Tensor | None = None,  # cached boundary states: skip the trunk
+        temperature: float = 1.0,
+    ) -> RoleOutput:
+        roles = set(roles)
+        out: dict[str, torch.Tensor | None] = {}
+        if self.trunk is not None:
+            if trunk_states is None:
+                with torch.no_grad():  # frozen: no graph, no backward through the trunk
+                    trunk_states = self.trunk(input_ids, document_ids=document_ids, positions=positions)
+            x = trunk_states
+            out["trunk_states"] = trunk_states
+        else:
+            x = input_ids
+        if document_ids is None and positions is None:  # the heads see states, not tokens: give the length
+            B, S = input_ids.shape
+            positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        hidden = {}
+        for role in roles:
+            with torch.enable_grad() if TRAINABLE[role] else torch.no_grad():
+                hidden[role] = self.head(role)(x, document_ids=document_ids, positions=positions)  # (B, S, D)
+        if targets is not None and (Role.POLICY in roles or Role.REFERENCE in roles):
+            out.update(self._logprobs(hidden, targets, temperature))
+        for role, name in ((Role.CRITIC, "values"), (Role.REWARD, "rewards")):
+            if role in roles:
+                out[name] = self.head(role).score(hidden[role]).squeeze(-1).float()  # (B, S)
+        return RoleOutput(**out)
+
+    def _logprobs(self, hidden, targets, temperature) -> dict[str, torch.Tensor | None]:
+        ref_hidden = ref_weight = None
+        if Role.REFERENCE in hidden:
+            ref_weight, ref_offset, ref_group = local_vocab_shard(self.head(Role.REFERENCE).lm_head.weight)
+            ref_hidden, ref_weight = hidden[Role.REFERENCE], ref_weight.detach()
+        if Role.POLICY in hidden:
+            w, offset, group = local_vocab_shard(self.head(Role.POLICY).lm_head.weight)
+            res = linear_logprob(hidden[Role.POLICY], w, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                 temperature=temperature, tp_group=group, vocab_offset=offset)
+        else:
+            res = linear_logprob(None, None, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                 temperature=temperature, tp_group=ref_group, vocab_offset=ref_offset)
+        return {"logp": res.logp, "entropy": res.entropy, "is_argmax": res.is_argmax, "ref_logp": res.ref_logp,
+                "kl": res.kl}
+
+    # ------------------------------------------------------------------------------------ decoding
+
+    def decode(self, input_ids, *, positions, document_ids, kv_cache: KVCache, record: list | None = None):
+        """One generation step through trunk + policy head, one KV cache over all L layers (the head, which
+        ends the decoder, commits the step); returns the policy's final hidden states and appends the
+        trunk's boundary states for these tokens to ``record``."""
+        x = input_ids
+        if self.trunk is not None:
+            x = self.trunk(input_ids, positions=positions, document_ids=document_ids, kv_cache=kv_cache)
+            if record is not None:
+                record.append(x)
+        return self.head(Role.POLICY)(x, positions=positions, document_ids=document_ids, kv_cache=kv_cache)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.head(Role.POLICY).lm_head.weight
+
+    def policy_model(self) -> Transformer:
+        """Trunk + policy head as one plain ``Transformer`` (untied), e.g. for a Hugging Face export."""
+        cfg = TransformerConfig(**{**self.config.__dict__, "tie_word_embeddings": False})
+        with torch.device("meta"):
+            full = Transformer(cfg)
+        state = {}
+        if self.trunk is not None:
+            state.update({k: v for k, v in self.trunk.state_dict().items()})
+        state.update(self.head(Role.POLICY).state_dict())
+        full.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        return full
+
+
+def _in_trunk(name: str, k: int) -> bool:
+    if name.startswith("embed_tokens."):
+        return True
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) < k
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+ROLES_META = "roles.json"
+
+
+def save_roles(model: RoleModel, path: str | os.PathLike) -> Path:
+    """``trunk.safetensors`` once, ``heads/<role>.safetensors`` per role and ``roles.json``, written into a
+    temporary directory renamed into place (an existing ``path`` is replaced only when complete)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        meta = {"trunk_layers": model.trunk_layers, "config": TypeAdapter(TransformerConfig).dump_python(model.config, mode="json")}
+        (tmp / ROLES_META).write_text(json.dumps(meta, indent=2))
+        if model.trunk is not None:
+            save_file(_plain_state(model.trunk), str(tmp / "trunk.safetensors"))
+        (tmp / "heads").mkdir()
+        for role in Role:
+            save_file(_plain_state(model.head(role)), str(tmp / "heads" / f"{role.value}.safetensors"))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_roles(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> RoleModel:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / ROLES_META).read_text())
+    cfg = TypeAdapter(TransformerConfig).validate_python(meta["config"])
+    with torch.device("meta"):
+        model = RoleModel(cfg, meta["trunk_layers"])
+    state = {}
+    if model.trunk is not None:
+        state.update({f"trunk.{k}": v for k, v in load_file(str(path / "trunk.safetensors"), device=str(device)).items()})
+    for role in Role:
+        head = load_file(str(path / "heads" / f"{role.value}.safetensors"), device=str(device))
+        state.update({f"heads.{role.value}.{k}": v for k, v in head.items()})
+    model.load_state_dict(state, strict=True, assign=True)
+    model.freeze()
+    return model
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
