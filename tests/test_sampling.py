@@ -1,38 +1,129 @@
-"""Sampling: batched, left-padded generation over the KV cache against transformers' own generate."""
+"""Generation: batched, left-padded decoding over the KV cache against transformers' own generate;
+seeded sampling; the trunk + policy path with recorded trunk states; stop strings; TP2 equals TP1."""
 
+import pytest
 import torch
+import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf_engine.models import load_hf_model
+from rlhf_engine.models import Role, RoleModel, load_hf_model
 from rlhf_engine.rollout import generate, sample_next
+from torchrun_helper import torchrun
+
+HF_CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, initializer_range=0.2)
+
+
+def _models(tmp_path):
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**HF_CFG)).eval()
+    hf.save_pretrained(tmp_path)
+    return hf, load_hf_model(tmp_path).eval()
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 61, (n,), generator=g).tolist() for n in (3, 9, 6)]
 
 
 def test_greedy_batch_matches_transformers_generate(tmp_path):
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
-    hf.save_pretrained(tmp_path)
-    ours = load_hf_model(tmp_path).eval()
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 61, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    hf, ours = _models(tmp_path)
     stop = 2
-    got = generate(ours, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=0, temperature=0.0)
-    for prompt, out in zip(prompts, got):
+    gen = generate(ours, _prompts(), max_new_tokens=12, stop_ids=[stop], pad_id=0, temperature=0.0)
+    for prompt, out, reason in zip(_prompts(), gen.responses, gen.finish_reasons):
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
                            pad_token_id=0)[0, len(prompt):].tolist()
         if stop in want:
             want = want[: want.index(stop) + 1]
         assert out == want
+        assert reason == ("stop" if out[-1] == stop else "length")
+
+
+def test_sampled_logprobs_match_a_scoring_forward_and_seeds_repeat(tmp_path):
+    _, ours = _models(tmp_path)
+
+    def sample(seed):
+        return generate(ours, _prompts(), max_new_tokens=10, stop_ids=[2], pad_id=0, temperature=0.8, top_k=20,
+                        generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = sample(7), sample(7), sample(8)
+    assert a.responses == b.responses and a.responses != c.responses
+    # the returned log-probs are those of the sampling distribution, softmax(logits / T)
+    seq, docs, P = a.sequences, a.document_ids, a.prompt_length
+    targets = torch.full_like(seq, -100)
+    targets[:, P - 1 : -1] = torch.where(docs[:, P:] == 0, seq[:, P:], -100)
+    with torch.no_grad():
+        lp = ours(seq, document_ids=docs, targets=targets, temperature=0.8).logp
+    for b_, resp in enumerate(a.responses):
+        got = torch.tensor(a.logprobs[b_])
+        assert torch.allclose(got, lp[b_, P - 1 : P - 1 + len(resp)], atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_trunk_and_policy_decode_like_the_full_model_and_record_trunk_states(tmp_path, k):
+    _, ours = _models(tmp_path)
+    roles = RoleModel.from_sft(ours, k)
+    full = generate(ours, _prompts(), max_new_tokens=8, stop_ids=[2], pad_id=0, temperature=0.0)
+    split = generate(roles, _prompts(), max_new_tokens=8, stop_ids=[2], pad_id=0, temperature=0.0, record_trunk=True)
+    assert split.responses == full.responses
+    if k == 0:
+        assert split.trunk_states is None
+        return
+    with torch.no_grad():  # recorded while decoding == one full trunk forward, on every real token
+        states = roles.encode_trunk(split.sequences, document_ids=split.document_ids).states
+    real = split.document_ids == 0
+    assert split.trunk_states.shape == states.shape
+    assert (split.trunk_states - states)[real].abs().max() <= 1e-5
+
+
+def test_stop_strings_end_a_row(tmp_path):
+    _, ours = _models(tmp_path)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+    def decode(ids):
+        return "".join(letters[i % len(letters)] for i in ids)
+
+    free = generate(ours, _prompts(), max_new_tokens=12, stop_ids=[], pad_id=0, temperature=0.0)
+    target = decode(free.responses[1][3:5])  # a two-character string the second row produces
+    gen = generate(ours, _prompts(), max_new_tokens=12, stop_ids=[], pad_id=0, temperature=0.0,
+                   stop_strings=[target], decode=decode)
+    text = decode(gen.responses[1])
+    assert gen.finish_reasons[1] == "stop" and text.endswith(target) and target not in text[:-1]
 
 
 def test_top_k_and_top_p_restrict_support():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    k2 = sample_next(logits, temperature=1.0, top_k=2, generator=g)
-    assert set(k2.tolist()) == {0, 1}
+    assert set(sample_next(logits, temperature=1.0, top_k=2, generator=g).tolist()) == {0, 1}
     p = logits[0].softmax(-1)  # [0.636, 0.234, 0.086, ...]: top_p=0.8 keeps tokens 0 and 1
     p80 = sample_next(logits, temperature=1.0, top_p=0.8, generator=g)
     assert set(p80.tolist()) == {0, 1}
-    frac0 = (p80 == 0).float().mean().item()
-    assert abs(frac0 - p[0] / (p[0] + p[1])) < 0.04  # renormalised over the kept set
+    assert abs((p80 == 0).float().mean().item() - p[0] / (p[0] + p[1])) < 0.04  # renormalised over the kept set
     assert sample_next(logits[:3], temperature=0.0).tolist() == [0, 0, 0]
+
+
+def _tp_generate_body():
+    import os
+    from pathlib import Path
+
+    from rlhf_engine.parallel import ParallelDims, apply_tensor_parallel
+
+    path = Path(os.environ["CKPT"])
+    plain = load_hf_model(path).eval()
+    sharded = load_hf_model(path).eval()
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, pp=1, tp=2, world_size=2)
+    dims.check_model(sharded.config)
+    mesh = dims.build_mesh("cpu")
+    apply_tensor_parallel(sharded, mesh["tp"])
+    kw = dict(max_new_tokens=10, stop_ids=[2], pad_id=0, temperature=0.9, top_p=0.9)
+    a = generate(plain, _prompts(), generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(sharded, _prompts(), generator=torch.Generator().manual_seed(3), **kw)
+    assert a.responses == b.responses
+    assert all(torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5) for x, y in zip(a.logprobs, b.logprobs))
+    assert dist.get_world_size() == 2
+
+
+@pytest.mark.dist
+def test_tp2_generation_equals_tp1(tmp_path):
+    _models(tmp_path)
+    torchrun(_tp_generate_body, nproc=2, env={"CKPT": str(tmp_path)})

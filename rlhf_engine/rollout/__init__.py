@@ -1,5 +1,5 @@
 """Sampling from the policy: batched generation over a KV cache."""
 
-from .sampling import generate, sample_next
+from .sampling import Generation, generate, sample_next
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["Generation", "generate", "sample_next"]

@@ -1,16 +1,34 @@
 """Batched autoregressive sampling with a KV cache and left-padded prompts.
 
-Prompts of different lengths are left-padded into one (B, P) batch. Padding is a document of its
-own (id -1), so the model's causal-and-same-document mask hides it, and positions count only real
-tokens: each row decodes exactly as it would alone. Rows stop at their first stop token; the batch
-stops when every row has, or after ``max_new_tokens``.
+    gen = generate(model, prompts, max_new_tokens=64, stop_ids=[eos], pad_id=pad, temperature=1.0,
+                   top_p=0.95, generator=torch.Generator().manual_seed(0), record_trunk=True)
+    gen.sequences, gen.document_ids   # (B, P + T) prompt + response, ready for a scoring forward
+    gen.logprobs                      # log-prob of each sampled token under the sampling distribution
+    gen.trunk_states                  # (B, P + T, D) recorded while decoding (RoleModel with a trunk)
+
+``model`` is a ``Transformer`` or a ``RoleModel`` (trunk + policy head, one KV cache over all layers).
+Prompts of different lengths are left-padded into one (B, P) batch; padding is a document of its own
+(id -1), so the model's causal-and-same-document mask hides it, and positions count only real tokens:
+each row decodes exactly as it would alone. A row finishes at its first stop token or stop string; the
+batch stops when every row has, or after ``max_new_tokens``. Finished rows are fed padding (document -1)
+that no real token can see.
+
+Under tensor parallelism each rank computes logits for its vocabulary shard and one all-gather of the
+(B, V) rows assembles them; every rank then samples the same token from the same seeded generator.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
-from ..models.transformer import KVCache, Transformer
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..models.transformer import DecoderLayer, KVCache, local_vocab_shard
+
+PAD_DOCUMENT = -1
 
 
 def sample_next(
@@ -40,9 +58,38 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def full_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, D) x LM head -> (B, V) fp32 logits; a vocabulary-sharded head is gathered across its group."""
+    local, _, group = local_vocab_shard(weight)
+    logits = F.linear(hidden, local).float()  # (B, V / tp)
+    if group is None:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+@dataclass
+class Generation:
+    sequences: torch.Tensor  # (B, P + T) left-padded prompts followed by responses (pad after a row finishes)
+    document_ids: torch.Tensor  # (B, P + T) 0 on real tokens, -1 on padding
+    prompt_length: int  # P
+    responses: list[list[int]]  # sampled tokens per row, the stop token included
+    logprobs: list[list[float]]  # log p of each sampled token under softmax(logits / T) (T = 1 when greedy)
+    finish_reasons: list[str]  # "stop" or "length"
+    trunk_states: torch.Tensor | None  # (B, P + T, D) boundary states recorded while decoding, or None
+
+
+def _local_kv_heads(model) -> int:
+    layer = next(m for m in model.modules() if isinstance(m, DecoderLayer))
+    weight = layer.self_attn.k_proj.weight
+    rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+    return rows // model.config.head_dim
+
+
 @torch.no_grad()
 def generate(
-    model: Transformer,
+    model,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -52,38 +99,76 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Sampled continuations of each prompt (stop token included when reached)."""
-    device = model.output_weight.device
+    stop_strings: list[str] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    record_trunk: bool = False,
+) -> Generation:
+    """Sample continuations of ``prompts`` (see the module docstring); ``decode`` turns response tokens
+    into text for ``stop_strings``."""
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function (e.g. tokenizer.decode)")
+    weight = model.output_weight
+    device = weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_id, dtype=torch.long)
-    docs = torch.full((B, P), -1, dtype=torch.long)
+    docs = torch.full((B, P), PAD_DOCUMENT, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, P - len(p) :] = torch.tensor(p)
         docs[b, P - len(p) :] = 0
     ids, docs = ids.to(device), docs.to(device)
     positions = (docs.eq(0).cumsum(dim=1) - 1).clamp(min=0)  # (B, P): 0 at each prompt's first token
-    cache = KVCache(model.config, B, P + max_new_tokens, dtype=model.output_weight.dtype, device=device)
+    cache = KVCache(model.config, B, P + max_new_tokens + 1, dtype=weight.dtype, device=device,
+                    num_kv_heads=_local_kv_heads(model))
+    record = [] if record_trunk and getattr(model, "trunk", None) is not None else None
+    step = model.decode if hasattr(model, "decode") else None
 
-    hidden = model(ids, positions=positions, document_ids=docs, kv_cache=cache)[:, -1]  # (B, D)
+    def run(tokens, pos, doc):
+        if step is not None:
+            return step(tokens, positions=pos, document_ids=doc, kv_cache=cache, record=record)
+        return model(tokens, positions=pos, document_ids=doc, kv_cache=cache)
+
+    hidden = run(ids, positions, docs)[:, -1]  # (B, D)
     next_pos = positions[:, -1] + 1  # (B,)
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        token = sample_next(model.logits(hidden), temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=generator)  # (B,)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        out.append(token)
-        done |= torch.isin(token, stop)
-        if bool(done.all()):
+    reasons = ["length"] * B
+    tokens_out, logps_out, docs_out = [], [], []
+    responses: list[list[int]] = [[] for _ in range(B)]
+    for i in range(max_new_tokens):
+        logits = full_logits(hidden, weight)  # (B, V) fp32
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(1, token[:, None])[:, 0]
+        live = ~done
+        token = torch.where(live, token, torch.full_like(token, pad_id))
+        tokens_out.append(token)
+        logps_out.append(logp)
+        docs_out.append(torch.where(live, torch.zeros_like(token), torch.full_like(token, PAD_DOCUMENT)))
+        for b in torch.nonzero(live)[:, 0].tolist():
+            responses[b].append(int(token[b]))
+        finished_now = live & torch.isin(token, stop)
+        if stop_strings:
+            for b in torch.nonzero(live & ~finished_now)[:, 0].tolist():
+                if any(s in decode(responses[b]) for s in stop_strings):
+                    finished_now[b] = True
+        for b in torch.nonzero(finished_now)[:, 0].tolist():
+            reasons[b] = "stop"
+        done |= finished_now
+        if bool(done.all()) or i == max_new_tokens - 1:  # the last tokens' outputs are never needed
             break
-        hidden = model(token[:, None], positions=next_pos[:, None], document_ids=torch.zeros_like(token)[:, None],
-                       kv_cache=cache)[:, -1]
-        next_pos = next_pos + 1
-    tokens = torch.stack(out, dim=1).tolist()  # (B, T)
-    results = []
-    for row in tokens:
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-        results.append(row[:cut])
-    return results
+        hidden = run(token[:, None], next_pos[:, None], docs_out[-1][:, None])[:, -1]
+        next_pos = next_pos + live.long()
+    if record is not None:  # the last sampled tokens were never fed: one trunk step completes the states
+        record.append(model.trunk(tokens_out[-1][:, None], positions=next_pos[:, None],
+                                  document_ids=docs_out[-1][:, None], kv_cache=cache))
+    sequences = torch.cat([ids, torch.stack(tokens_out, dim=1)], dim=1)
+    document_ids = torch.cat([docs, torch.stack(docs_out, dim=1)], dim=1)
+    logps = torch.stack(logps_out, dim=1).tolist()
+    return Generation(
+        sequences=sequences,
+        document_ids=document_ids,
+        prompt_length=P,
+        responses=responses,
+        logprobs=[row[: len(r)] for row, r in zip(logps, responses)],
+        finish_reasons=reasons,
+        trunk_states=torch.cat(record, dim=1) if record is not None else None,
+    )

@@ -214,7 +214,7 @@ def sample_responses(model, tokenizer, conversations: list[list[Message]], cfg: 
         prompts.append(conv[:first_answer])
     model.eval()
     r = cfg.rollout
-    outs = generate(
+    gen = generate(
         model,
         [prompt_ids(tokenizer, p) for p in prompts],
         max_new_tokens=r.max_new_tokens,
@@ -228,7 +228,7 @@ def sample_responses(model, tokenizer, conversations: list[list[Message]], cfg: 
     return [
         {"prompt": p[-1].content, "response": tokenizer.decode(o, skip_special_tokens=True).strip(),
          "reference": conv[len(p)].content}
-        for p, o, conv in zip(prompts, outs, conversations)
+        for p, o, conv in zip(prompts, gen.responses, conversations)
     ]
 
 
