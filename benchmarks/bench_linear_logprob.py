@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
-import os
-import re
 import statistics
 import sys
 import time
@@ -30,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from _memory import PeakMemory, pin_malloc_threshold
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -99,35 +97,6 @@ def providers(device: str) -> dict[str, Callable]:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def _cpu_mb(field: str) -> float:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-class PeakMemory:
-    """Peak memory above the starting level during a block, in MB."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def __enter__(self):
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated() / 2**20
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self.base = _cpu_mb("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() / 2**20 - self.base
-        else:
-            self.peak = _cpu_mb("VmHWM") - self.base
-
-
 def measure(fn, inputs, grad_out, backward: bool, device: str, repeats: int) -> tuple[float, float]:
     x, w, y, xq, wq = inputs
 
@@ -169,10 +138,8 @@ def main() -> None:
     args = parser.parse_args()
 
     gpu = args.device == "cuda"
-    if not gpu and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-        # glibc otherwise raises its mmap threshold after large frees and serves later temporaries from
-        # already-resident heap pages, hiding them from the RSS high-water mark.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    if not gpu:
+        pin_malloc_threshold()
     n, h, v = (16384, 4096, 128256) if gpu else (4096, 1024, 32000)
     if args.quick:
         n, h, v = 512, 256, 8000

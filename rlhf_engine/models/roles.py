@@ -95,6 +95,15 @@ class TrunkCache:
     def nbytes(self) -> int:
         return self.states.numel() * self.states.element_size()
 
+    @classmethod
+    def keep(cls, states: torch.Tensor, *, store_dtype: torch.dtype | None = None, offload: bool = False) -> "TrunkCache":
+        """Keep boundary states already computed (e.g. ``RoleOutput.trunk_states`` of the experience pass)."""
+        compute_dtype = states.dtype
+        states = states.detach().to(dtype=store_dtype or compute_dtype, device="cpu" if offload else states.device)
+        if offload and torch.cuda.is_available():
+            states = states.pin_memory()
+        return cls(states, compute_dtype)
+
     def get(self, device: torch.device | str, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         states = self.states if rows is None else self.states[rows]
         return states.to(device=device, dtype=self.compute_dtype, non_blocking=True)
@@ -181,11 +190,7 @@ class RoleModel(nn.Module):
         if self.trunk is None:
             raise ValueError("trunk_layers = 0: there is no shared trunk to cache")
         states = self.trunk(input_ids, document_ids=document_ids, positions=positions)
-        compute_dtype = states.dtype
-        states = states.to(dtype=store_dtype or compute_dtype, device="cpu" if offload else states.device)
-        if offload and torch.cuda.is_available():
-            states = states.pin_memory()
-        return TrunkCache(states, compute_dtype)
+        return TrunkCache.keep(states, store_dtype=store_dtype, offload=offload)
 
     def forward(
         self,
