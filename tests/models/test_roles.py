@@ -121,3 +121,33 @@ def test_policy_exports_as_a_model_transformers_loads(tmp_path):
         logits = hf(ids).logits
     got = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
     assert (got - want).abs().max() <= 1e-5
+
+
+def _tp_roles_body():
+    import torch.distributed as dist
+
+    from rlhf_engine.parallel import ParallelDims, apply_tensor_parallel
+
+    cfg = TransformerConfig(**{**CFG.__dict__, "vocab_size": 96})
+    sft = Transformer(cfg)
+    sft.reset_parameters(torch.Generator().manual_seed(0))
+    score = torch.randn(1, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    plain = RoleModel.from_sft(sft, 2, reward_score=score)
+    sharded = RoleModel.from_sft(sft, 2, reward_score=score)
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, pp=1, tp=dist.get_world_size(), world_size=dist.get_world_size())
+    dims.check_model(cfg)
+    apply_tensor_parallel(sharded, dims.build_mesh("cpu")["tp"], sequence_parallel=True)
+    ids, docs, targets = _batch()
+    ids = ids % 96
+    targets = torch.where(targets == -100, targets, targets % 96)
+    with torch.no_grad():
+        a, b = plain(ids, document_ids=docs, targets=targets), sharded(ids, document_ids=docs, targets=targets)
+    for name in ("logp", "entropy", "ref_logp", "kl", "values", "rewards"):
+        assert (getattr(a, name) - getattr(b, name)).abs().max() <= 1e-5, name
+
+
+@pytest.mark.dist
+def test_trunk_and_heads_under_tp2_equal_one_process():
+    from torchrun_helper import torchrun
+
+    torchrun(_tp_roles_body, nproc=2)
