@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf_engine.models import Role, RoleModel, load_hf_model
+from rlhf_engine.models import RoleModel, load_hf_model
 from rlhf_engine.rollout import generate, sample_next
 from torchrun_helper import torchrun
 

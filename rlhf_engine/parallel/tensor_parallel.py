@@ -28,7 +28,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from ..models.transformer import Transformer
 
 
 def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False):
