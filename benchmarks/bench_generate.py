@@ -12,13 +12,13 @@ impl,mode,batch,new_tokens,median_ms,tokens_per_s,speedup.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _bench import write_csv
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_engine.models import load_hf_model
@@ -78,12 +78,7 @@ def main() -> None:
                              speedup=round(timings["transformers"] / ms, 2)))
             print(rows[-1], flush=True)
     out = args.out or RESULTS / f"generate_{'cpu' if not torch.cuda.is_available() else 'cuda'}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    write_csv(rows, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ provider,dtype,n_tokens,hidden,vocab,pass,median_ms,peak_mem_mb.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from _memory import PeakMemory, pin_malloc_threshold
+from _bench import PeakMemory, pin_malloc_threshold, write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,12 +167,8 @@ def main() -> None:
             rows.append(row)
             print(",".join(str(val) for val in row.values()), flush=True)
     out = args.out or RESULTS / f"linear_logprob_{'cpu' if not gpu else device_name.replace(' ', '_').lower()}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out} ({device_name})")
+    write_csv(rows, out)
+    print(f"measured on {device_name}")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ Writes benchmarks/results/roles_<device>.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _memory import PeakMemory, pin_malloc_threshold
+from _bench import PeakMemory, pin_malloc_threshold, write_csv
 
 from rlhf_engine.models import Role, RoleModel, TransformerConfig, TrunkCache
 from rlhf_kernels import gae, ppo_policy_loss, value_loss
@@ -116,12 +115,7 @@ def main() -> None:
               f"{r['experience_ms'] / sep['experience_ms']:.2f}x, PPO epoch {r['ppo_epoch_ms'] / sep['ppo_epoch_ms']:.2f}x")
     print(f"PPO epoch with the cache: {rows[1]['ppo_epoch_ms'] / rows[2]['ppo_epoch_ms']:.2f}x without it")
     out = args.out or RESULTS / f"roles_{device}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    write_csv(rows, out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Peak-memory measurement shared by the benchmarks: CUDA allocator peak on GPU, the resident-set
-high-water mark (VmHWM, reset through /proc/self/clear_refs) on CPU, in MB above the starting level."""
+"""What the benchmarks share: peak memory (CUDA allocator peak on GPU, the resident-set high-water
+mark VmHWM, reset through /proc/self/clear_refs, on CPU; MB above the starting level) and CSV output."""
 
 from __future__ import annotations
 
+import csv
 import gc
 import os
 import re
@@ -46,3 +47,13 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated() / 2**20 - self.base
         else:
             self.peak = _cpu_mb("VmHWM") - self.base
+
+
+def write_csv(rows: list[dict], out: Path) -> None:
+    """Write ``rows`` (dicts with the same keys) to ``out`` with a header, and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
