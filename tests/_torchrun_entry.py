@@ -1,12 +1,22 @@
-"""Child side of torchrun_helper: init gloo, run one function from a test file, tear down."""
+"""Child side of torchrun_helper: init gloo, run one function from a test file, tear down.
+
+After the body has passed on this rank (and every rank reached the barrier) the child prints
+``PASSED_MARKER``, destroys the process group and leaves with ``os._exit``, skipping C++ static
+destructors: a thread torn down at interpreter exit (gloo / c10d) occasionally aborts there
+("terminate called without an active exception"), which says nothing about the code under test.
+"""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 import traceback
 
 import torch
 import torch.distributed as dist
+
+
+PASSED_MARKER = "__torchrun_body_passed__"
 
 
 def main(test_file: str, name: str) -> int:
@@ -19,6 +29,7 @@ def main(test_file: str, name: str) -> int:
         torch.manual_seed(0)
         getattr(module, name)()
         dist.barrier()
+        print(f"[rank {dist.get_rank()}] {PASSED_MARKER}", flush=True)
         return 0
     except BaseException:
         print(f"[rank {dist.get_rank()}] {name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -28,4 +39,7 @@ def main(test_file: str, name: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    code = main(sys.argv[1], sys.argv[2])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
