@@ -86,11 +86,6 @@ class ParallelConfig:
         if self.pp_stages_per_rank > 1 and self.pp_schedule != "interleaved_1f1b":
             raise ValueError("pp_stages_per_rank > 1 needs pp_schedule='interleaved_1f1b'")
 
-    @property
-    def world_size(self) -> int:
-        """Ranks this layout needs (dp_shard = -1 adapts to the launch, counted as 1 here)."""
-        return self.tp * self.pp * max(self.dp_shard, 1) * self.dp_replicate
-
 
 @section
 class PrecisionConfig:

@@ -26,9 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..data.packing import PAD_DOCUMENT
 from ..models.transformer import DecoderLayer, KVCache, local_vocab_shard
-
-PAD_DOCUMENT = -1
 
 
 def sample_next(
