@@ -15,7 +15,7 @@ import json
 import sys
 
 from .config import ConfigError, load_config, to_yaml
-from .data.jsonl import DataError
+from .data.reader import DataError
 from .parallel.dims import LayoutError
 
 

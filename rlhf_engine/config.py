@@ -184,7 +184,25 @@ class TrainerConfig:
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     out_dir: str = "runs/default"
-    """Run directory: metrics, resolved config, exported model."""
+    """Run directory: metrics, resolved config, checkpoints, exported model."""
+    save_every: int = 0
+    """Write an atomic checkpoint every N steps (and at the last step run); 0: no checkpoints."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints of a stage; 0 keeps all."""
+    resume: str = "auto"
+    """'auto': continue from the stage's latest checkpoint under out_dir when there is one; 'never':
+    start fresh; or the path of a checkpoint directory (``<out_dir>/checkpoints/<stage>/step_N``)."""
+    stop_after: int | None = None
+    """Stop (after checkpointing) at this step although the schedule runs to max_steps, e.g. to fit a
+    cluster's time limit; the next run with resume='auto' continues from here."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ValueError("max_steps, micro_batch_size and grad_accum_steps must be >= 1")
+        if self.save_every < 0 or self.keep_checkpoints < 0 or self.eval_every < 0:
+            raise ValueError("save_every, keep_checkpoints and eval_every must be >= 0")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError("stop_after must be >= 1")
 
 
 @section
@@ -195,6 +213,8 @@ class LoggingConfig:
     """Print and record training metrics every N steps."""
     progress_bar: bool = True
     """Show a progress bar on a terminal."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under ``<out_dir>/tb``."""
 
 
 @section

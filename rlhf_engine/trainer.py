@@ -1,12 +1,21 @@
-"""Training-loop building blocks shared by every stage: optimizer, LR schedule, one accumulated step,
-metrics.
+"""The algorithm-agnostic training loop shared by every stage.
 
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-    metrics = train_step(model, optimizer, scheduler, micro_batches, loss_fn, cfg.optim.grad_clip)
+    stream = BatchStream(plan_epoch, build)             # resumable, seeded micro-batch order
+    trainer = Trainer(cfg, rt, model, objective, stream, name="dpo", eval_batches=held_out)
+    result = trainer.fit()                               # resumes from <out_dir>/checkpoints if asked
 
-``loss_fn(model, micro_batch, num_targets) -> (loss, stats)`` returns a loss already divided by the
-step's total target count, so accumulation is a plain sum of backward passes.
+An *objective* is ``loss_fn(model, micro_batch, num_targets) -> (loss, stats)``: the loss of the
+micro-batch already divided by the number of targets in the whole optimizer step (tokens for SFT, pairs
+for a ranking RM or DPO, prompts for a pick-one-of-N model) across micro-batches and data-parallel
+ranks, so gradient accumulation is a plain sum of backward passes. ``stats`` are per-target *sums*
+(e.g. correct pairs); the trainer adds them over micro-batches and ranks and reports their global mean.
+Batches are typed dataclasses exposing ``num_targets``, ``num_tokens`` and ``to(device)``.
+
+The trainer owns everything else: the AdamW optimizer and LR schedule (warmup + cosine/linear), gradient
+accumulation and clipping, evaluation (the same objective, no gradients), metrics (loss, per-objective
+stats, grad norm, LR, tokens/s, peak memory) to ``metrics.jsonl`` and TensorBoard with a progress bar on a
+terminal, and atomic checkpoints. A resumed run restores model, optimizer, schedule, RNG and the data
+stream's position, so on CPU it continues bit for bit as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -14,22 +23,44 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from .config import OptimConfig, RunConfig
+from .parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .parallel.runtime import Runtime
 
+
+class Batch(Protocol):
+    @property
+    def num_targets(self) -> int: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> "Batch": ...
+
+
+B = TypeVar("B", bound=Batch)
+P = TypeVar("P")
 LossFn = Callable[[nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on parameters with ndim >= 2 only (norm gains and biases are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -64,7 +95,8 @@ def train_step(
     num_targets: int | None = None,
     loss_scale: float = 1.0,
 ) -> dict[str, float]:
-    """Accumulate gradients over ``micro_batches``, clip, step; returns this rank's metrics (sums).
+    """Accumulate gradients over ``micro_batches``, clip, step; returns this rank's sums and the step's
+    grad norm and LR.
 
     ``num_targets``: targets in the whole step across data-parallel ranks (default: these micro-batches).
     ``loss_scale``: multiplies each loss before backward; the data-parallel degree under FSDP, which
@@ -88,15 +120,67 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "targets": num_targets, **stats_total}
+    return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, **stats_total}
+
+
+# ---------------------------------------------------------------------------------------------- data order
+
+
+class BatchStream(Generic[P, B]):
+    """An endless, deterministic stream of micro-batches whose position can be saved and restored.
+
+    ``plan_epoch(epoch)`` returns the epoch's micro-batch plans (cheap: index lists, from a shuffle
+    seeded by the epoch); ``build(plan)`` materializes one batch. The position is (epoch, index), so a
+    resumed run rebuilds the epoch's plan and continues from the same micro-batch. Every rank generates
+    the same global stream and takes its share (``Trainer``).
+    """
+
+    def __init__(self, plan_epoch: Callable[[int], Sequence[P]], build: Callable[[P], B]) -> None:
+        self.plan_epoch, self.build = plan_epoch, build
+        self.epoch, self.index = 0, 0
+        self._plans: Sequence[P] | None = None
+
+    def take(self, n: int) -> list[B]:
+        out = []
+        while len(out) < n:
+            if self._plans is None:
+                self._plans = self.plan_epoch(self.epoch)
+                if not self._plans:
+                    raise ValueError("the training data yields no micro-batch (fewer rows than micro_batch_size?)")
+            if self.index >= len(self._plans):
+                self.epoch, self.index, self._plans = self.epoch + 1, 0, None
+                continue
+            out.append(self.build(self._plans[self.index]))
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._plans = int(state["epoch"]), int(state["index"]), None
+
+
+# ---------------------------------------------------------------------------------------------- metrics
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to ``metrics.jsonl`` and echoes selected keys to the terminal."""
+    """Appends one JSON object per record to ``metrics.jsonl`` and echoes it to the terminal.
 
-    def __init__(self, out_dir: str | os.PathLike) -> None:
+    Several stages share one file (a pipeline run); each record carries its ``stage``. Opening a stage at
+    step s drops that stage's records after s (a fresh start: all of them; a resumed run: the ones a
+    killed process wrote after its last checkpoint), so the file always reads as one uninterrupted run.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, stage: str | None = None, from_step: int = 0) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if stage is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()
+                    and not _stale(json.loads(line), stage, from_step)]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
         self.start = time.perf_counter()
 
     def write(self, record: dict[str, Any], echo: bool = True) -> None:
@@ -106,3 +190,199 @@ class MetricsWriter:
         if echo:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
             print(shown, file=sys.stderr, flush=True)
+
+
+def _stale(record: dict[str, Any], stage: str, from_step: int) -> bool:
+    return record.get("stage") == stage and (from_step == 0 or record.get("step", 0) > from_step)
+
+
+class RunLog:
+    """Rank 0's sinks: ``metrics.jsonl`` (every record, tagged with the stage), TensorBoard scalars under
+    ``tb/`` (``<stage>/<key>``) and a tqdm bar on an interactive terminal. Other ranks get a no-op."""
+
+    def __init__(self, cfg: RunConfig, out: Path, *, stage: str, enabled: bool, first_step: int = 0) -> None:
+        self.stage = stage
+        self.writer = MetricsWriter(out, stage=stage, from_step=first_step) if enabled else None
+        self.tb = _tensorboard(out / "tb", first_step) if enabled and cfg.logging.tensorboard else None
+        self.bar = None
+        if enabled and cfg.logging.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.trainer.max_steps, initial=first_step, desc=stage, unit="step")
+
+    def write(self, step: int, record: dict[str, Any], echo: bool | None = None) -> None:
+        if self.writer is None:
+            return
+        self.writer.write({"stage": self.stage, "step": step, **record},
+                          echo=(self.bar is None) if echo is None else echo)
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def advance(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard(path: Path, first_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a trimmed environment still trains
+        warnings.warn("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)", stacklevel=3)
+        return None
+    # purge_step drops events a killed run wrote after its last checkpoint, so curves do not double back
+    return SummaryWriter(str(path), purge_step=first_step + 1 if first_step else None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+class Trainer(Generic[B]):
+    """Steps ``model`` on ``objective`` over ``stream`` (see the module docstring).
+
+    ``eval_batches``: held-out micro-batches, evaluated by every rank with the same objective at step 0,
+    every ``trainer.eval_every`` steps and at the end. ``evaluate``: an extra hook returning more
+    held-out metrics (e.g. generation samples, accuracy on another set).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        rt: Runtime,
+        model: nn.Module,
+        objective: LossFn,
+        stream: BatchStream[Any, B],
+        *,
+        name: str,
+        eval_batches: Sequence[B] = (),
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    ) -> None:
+        self.cfg, self.rt, self.model, self.objective, self.stream = cfg, rt, model, objective, stream
+        self.name = name
+        self.eval_batches = list(eval_batches)
+        self.extra_eval = evaluate
+        self.out = Path(cfg.trainer.out_dir)
+        self.ckpt_dir = self.out / "checkpoints" / name
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.step = 0
+        self.tokens = 0
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        """Collective: model, optimizer, RNG (DCP, atomic) and the schedule, data position and counters."""
+        progress = {"stage": self.name, "tokens": self.tokens, "stream": self.stream.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, progress=progress)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        keep = self.cfg.trainer.keep_checkpoints
+        if not self.rt.is_main or keep <= 0:
+            return
+        import shutil
+
+        done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.suffix != ".tmp")
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> bool:
+        """Load the checkpoint ``trainer.resume`` names ('auto': the latest of this stage, if any)."""
+        choice = self.cfg.trainer.resume
+        if choice == "never":
+            return False
+        path = latest_checkpoint(self.ckpt_dir) if choice == "auto" else Path(choice)
+        if path is None:
+            return False
+        progress = load_checkpoint(path, self.model, self.optimizer)
+        if progress.get("stage", self.name) != self.name:
+            raise ValueError(f"{path} is a checkpoint of stage {progress['stage']!r}, not {self.name!r}")
+        self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
+        self.scheduler.load_state_dict(progress["scheduler"])
+        self.stream.load_state_dict(progress["stream"])
+        return True
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective on the held-out batches: per-target mean loss and stats (``eval_`` prefixed)."""
+        out: dict[str, float] = {}
+        if self.eval_batches:
+            self.model.eval()
+            loss = targets = 0.0
+            sums: dict[str, float] = {}
+            for b in self.eval_batches:
+                value, stats = self.objective(self.model, b.to(self.rt.device), 1)  # num_targets=1: sums
+                loss, targets = loss + float(value), targets + b.num_targets
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            out = {"eval_loss": loss / max(targets, 1), **{f"eval_{k}": v / max(targets, 1) for k, v in sums.items()}}
+        if self.extra_eval is not None:
+            out.update(self.extra_eval(self.model))
+        return out
+
+    # ------------------------------------------------------------------------------------ training
+
+    def fit(self) -> dict[str, Any]:
+        """Run (or continue) to ``trainer.max_steps`` (or ``trainer.stop_after``); returns the first and
+        final evaluations and counters. Rank 0 writes the logs."""
+        cfg, rt = self.cfg, self.rt
+        t = cfg.trainer
+        resumed = self.resume()
+        log = RunLog(cfg, self.out, stage=self.name, enabled=rt.is_main, first_step=self.step)
+        first_eval = {} if resumed else self.evaluate()
+        if first_eval:
+            log.write(self.step, first_eval)
+        if resumed:
+            log.write(self.step, {"resumed_from": self.step})
+        per_step = t.grad_accum_steps * rt.dims.dp
+        last = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+        while self.step < last:
+            global_batches = self.stream.take(per_step)
+            mine = [b.to(rt.device) for b in global_batches[rt.dp_rank :: rt.dims.dp]]
+            n_global = sum(b.num_targets for b in global_batches)
+            step_tokens = sum(b.num_tokens for b in global_batches)
+            t0 = time.perf_counter()
+            m = train_step(self.model, self.optimizer, self.scheduler, mine, self.objective, cfg.optim.grad_clip,
+                           num_targets=n_global, loss_scale=rt.loss_scale)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            elapsed = time.perf_counter() - t0
+            sums = rt.sum_over_dp({k: v for k, v in m.items() if k not in ("grad_norm", "lr")})
+            self.step += 1
+            self.tokens += step_tokens
+            record = {"loss": sums.pop("loss"), **{k: v / max(n_global, 1) for k, v in sums.items()},
+                      "grad_norm": m["grad_norm"], "lr": m["lr"], "targets": n_global,
+                      "tokens_per_s": step_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(rt.device), 1)}
+            log.advance(record["loss"])
+            if self.step % cfg.logging.log_every == 0 or self.step == last:
+                log.write(self.step, record)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
+                log.write(self.step, self.evaluate())
+            if t.save_every and (self.step % t.save_every == 0 or self.step == last):
+                self.save()
+        log.close()
+        final_eval = self.evaluate() if self.step == t.max_steps else {}
+        if final_eval:
+            log.write(self.step, final_eval, echo=True)
+        return {"step": self.step, "finished": self.step == t.max_steps, "tokens": self.tokens,
+                "first_eval": first_eval, "final_eval": final_eval, "resumed": resumed}
+

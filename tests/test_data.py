@@ -7,7 +7,7 @@ import pytest
 
 from rlhf_engine.data.builtin import demo_conversations
 from rlhf_engine.data.chat import parse_conversation, tokenize_conversation
-from rlhf_engine.data.jsonl import DataError, read_jsonl
+from rlhf_engine.data.reader import DataError, read_jsonl
 from rlhf_engine.data.packing import IGNORE_INDEX, PAD_DOCUMENT, Example, collate, next_token_example, pack
 from rlhf_engine.data.tokenizer import train_bpe_tokenizer
 

@@ -71,3 +71,29 @@ def tokenize_conversation(tokenizer, messages: list[Message]) -> tuple[list[int]
 def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
     """Tokens of a conversation up to and including the assistant generation prompt."""
     return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def parse_sft_row(row: Any) -> list[Message] | str:
+    """A supervised row: ``{"messages": [...]}`` (loss on assistant turns) or ``{"text": "..."}`` (plain
+    pretraining text, loss on every token)."""
+    if isinstance(row, dict) and "text" in row and "messages" not in row:
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise ValueError("'text' must be a non-empty string")
+        return row["text"]
+    return parse_conversation(row)
+
+
+def tokenize_sft_row(tokenizer, row: list[Message] | str) -> tuple[list[int], list[bool]]:
+    """Tokens and learn-mask of a parsed supervised row. Plain text gets the tokenizer's own special
+    tokens (e.g. BOS) and ends with EOS; every token is learned."""
+    if isinstance(row, str):
+        ids = list(tokenizer(row)["input_ids"])
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        return ids, [True] * len(ids)
+    return tokenize_conversation(tokenizer, row)
+
+
+def row_texts(row: list[Message] | str) -> list[str]:
+    """The raw texts of a row (one per message), for fitting a scratch tokenizer."""
+    return [row] if isinstance(row, str) else [f"{m.role}\n{m.content}" for m in row]

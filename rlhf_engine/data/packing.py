@@ -33,6 +33,10 @@ class PackedBatch:
     def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    @property
+    def num_tokens(self) -> int:
+        return int((self.document_ids != PAD_DOCUMENT).sum())
+
     def to(self, device: torch.device | str) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.labels.to(device), self.document_ids.to(device))
 
