@@ -2,6 +2,9 @@
 
     rlhf-engine config show configs/sft_tiny.yaml optim.lr=1e-4   # merged, validated config as YAML
     rlhf-engine sft --config configs/sft_tiny.yaml trainer.max_steps=20
+    rlhf-engine rm --config configs/rm_tiny.yaml data.train_path=rankings.jsonl
+    rlhf-engine dpo --config configs/dpo_tiny.yaml model.hf_path=runs/sft/hf
+    rlhf-engine train --config RECIPE        # the stage algorithm.name names (sft, rm, sparrow, rules, dpo)
     rlhf-engine plan --config configs/gpt3_175b_ppo.yaml --world-size 1024 --json
 
 Every training command takes ``--config RECIPE`` plus dotted ``key=value`` overrides; a bad key or
@@ -24,10 +27,35 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sft(args: argparse.Namespace) -> int:
-    from .stages.sft import run_sft
+def _stage(name: str):
+    """The function running the stage for ``algorithm.name``."""
+    if name == "sft":
+        from .stages.sft import run_sft
 
-    summary = run_sft(load_config(args.config, args.overrides))
+        return run_sft
+    if name == "dpo":
+        from .stages.dpo import run_dpo
+
+        return run_dpo
+    from .stages.reward import run_reward_model
+
+    return run_reward_model
+
+
+# subcommand -> the algorithm names it runs (the first is set when the recipe names none)
+COMMANDS = {"sft": ("sft",), "rm": ("rm", "sparrow", "rules"), "dpo": ("dpo",)}
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.command in COMMANDS:
+        allowed = COMMANDS[args.command]
+        if cfg.algorithm.name not in allowed:
+            if cfg.algorithm.name != "sft":
+                raise ConfigError(f"{args.config}: algorithm.name is {cfg.algorithm.name!r}; "
+                                  f"'rlhf-engine {args.command}' runs {', '.join(allowed)} (use 'rlhf-engine train')")
+            cfg = load_config(args.config, [f"algorithm.name={allowed[0]}", *args.overrides])
+    summary = _stage(cfg.algorithm.name)(cfg)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -54,10 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-5")
     show.set_defaults(func=_config_show)
 
-    sft = sub.add_parser("sft", help="supervised fine-tuning on chat demonstrations (assistant tokens only)")
-    sft.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=20")
-    sft.set_defaults(func=_sft)
+    stages = {
+        "train": "run the stage that the recipe's algorithm.name names",
+        "sft": "supervised fine-tuning on chat demonstrations (assistant tokens only) or plain text",
+        "rm": "reward model: InstructGPT ranking RM (or algorithm.name=sparrow / rules)",
+        "dpo": "offline preference optimisation: DPO, conservative DPO, IPO",
+    }
+    for command, text in stages.items():
+        stage = sub.add_parser(command, help=text)
+        stage.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")
+        stage.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=20")
+        stage.set_defaults(func=_train)
 
     plan = sub.add_parser("plan", help="dry run: per-rank memory of a layout on a fake mesh (no GPUs, no allocation)")
     plan.add_argument("--config", required=True, help="YAML recipe, e.g. configs/gpt3_175b_ppo.yaml")

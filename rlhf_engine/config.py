@@ -100,15 +100,15 @@ class DataConfig:
     """Training data."""
 
     train_path: str | None = None
-    """JSONL file of {"messages": [{"role": ..., "content": ...}, ...]} rows; None: the built-in demo set."""
+    """JSONL or Parquet rows in the algorithm's format (docs/data.md); None: the built-in demo set (sft)."""
     eval_path: str | None = None
-    """Held-out JSONL file; None: hold out eval_fraction of the training rows."""
+    """Held-out rows, same format; None: hold out eval_fraction of the training rows."""
     eval_fraction: float = 0.05
     """Share of training rows held out for evaluation when eval_path is None."""
     builtin_rows: int = 2000
     """Number of conversations generated for the built-in demo set."""
     seq_len: int
-    """Tokens per packed row; longer conversations are truncated."""
+    """Tokens per packed row; a longer sequence (conversation, prompt + response) is truncated."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -140,11 +140,78 @@ class OptimConfig:
 
 
 @section
-class AlgorithmConfig:
-    """What is optimized."""
+class RankingRMConfig:
+    """InstructGPT's ranking reward model (algorithm.name = rm)."""
 
-    name: Literal["sft"] = "sft"
-    """Training objective. sft: next-token loss on assistant tokens."""
+    normalize: bool = True
+    """After training, shift the score so the training responses (SFT samples, in InstructGPT) score 0
+    on average; RL then starts from rewards centred at 0."""
+
+
+@section
+class PreferenceModelConfig:
+    """Sparrow's pick-one-of-N preference model (algorithm.name = sparrow)."""
+
+    extra_negatives: int = 1
+    """Distractors per prompt: responses to other prompts, scored in this prompt's context, added as
+    options that should lose."""
+    bt_weight: float = 1.0
+    """Weight of the Bradley-Terry term (chosen against each other option)."""
+    reg_weight: float = 0.01
+    """Weight of the mean squared score, which centres scores at 0."""
+
+    def __post_init__(self) -> None:
+        if self.extra_negatives < 0 or self.bt_weight < 0 or self.reg_weight < 0:
+            raise ValueError("extra_negatives, bt_weight and reg_weight must be >= 0")
+
+
+@section
+class RuleModelConfig:
+    """Sparrow's rule-violation classifier (algorithm.name = rules)."""
+
+    names: list[str] = dataclasses.field(default_factory=list)
+    """The rules, one classifier output each, in this order; data rows label them by name."""
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("rule names must be unique")
+
+
+@section
+class DPOConfig:
+    """Direct preference optimisation and relatives (algorithm.name = dpo)."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference."""
+    loss_type: Literal["sigmoid", "cdpo", "ipo"] = "sigmoid"
+    """sigmoid: DPO; cdpo: conservative DPO with label_smoothing; ipo: IPO (per-token mean log-ratios)."""
+    label_smoothing: float = 0.0
+    """cdpo: the assumed rate of flipped preference labels, in (0, 0.5)."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
+        if (self.loss_type == "cdpo") != (self.label_smoothing > 0):
+            raise ValueError("label_smoothing > 0 goes with loss_type 'cdpo' (and only with it)")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("label_smoothing must be in [0, 0.5)")
+
+
+@section
+class AlgorithmConfig:
+    """What is optimized; the stage is chosen by ``name``, its settings live in the same-named section."""
+
+    name: Literal["sft", "rm", "sparrow", "rules", "dpo"] = "sft"
+    """sft: next-token loss on assistant tokens (and plain text); rm: InstructGPT ranking reward model;
+    sparrow: Sparrow preference model; rules: Sparrow rule-violation classifier; dpo: DPO/cDPO/IPO."""
+    rm: RankingRMConfig = dataclasses.field(default_factory=RankingRMConfig)
+    sparrow: PreferenceModelConfig = dataclasses.field(default_factory=PreferenceModelConfig)
+    rules: RuleModelConfig = dataclasses.field(default_factory=RuleModelConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+
+    def __post_init__(self) -> None:
+        if self.name == "rules" and not self.rules.names:
+            raise ValueError("algorithm.name = rules needs algorithm.rules.names")
 
 
 @section
@@ -172,7 +239,8 @@ class TrainerConfig:
     max_steps: int
     """Optimizer steps to run."""
     micro_batch_size: int
-    """Packed rows per forward/backward."""
+    """Per forward/backward: packed rows (sft), or prompts with all their responses (rm, sparrow, dpo
+    pairs), or dialogues (rules)."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     eval_every: int = 0

@@ -41,14 +41,15 @@ def _require(ok: bool, path: Path | str, message: str) -> None:
         raise UnsupportedCheckpointError(f"{path}: {message}")
 
 
-def config_from_hf(hf: Any, source: Path | str = "<config>") -> TransformerConfig:
-    """Map a transformers Llama/Mistral/Qwen2 config object to ``TransformerConfig``."""
+def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "ForCausalLM") -> TransformerConfig:
+    """Map a transformers Llama/Mistral/Qwen2 config object to ``TransformerConfig``. ``head``: the
+    architecture suffix expected (``ForSequenceClassification`` for reward models)."""
     family = hf.model_type
     _require(family in ARCHITECTURES, source, f"model_type {family!r} is not supported; "
              f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    archs = getattr(hf, "architectures", None) or [ARCHITECTURES[family]]
-    _require(archs == [ARCHITECTURES[family]], source,
-             f"architectures {archs} not supported; expected [{ARCHITECTURES[family]!r}]")
+    expected = ARCHITECTURES[family].removesuffix("ForCausalLM") + head
+    archs = getattr(hf, "architectures", None) or [expected]
+    _require(archs == [expected], source, f"architectures {archs} not supported; expected [{expected!r}]")
     _require(hf.hidden_act == "silu", source, f"hidden_act {hf.hidden_act!r} not supported (only 'silu')")
     _require(not getattr(hf, "attention_dropout", 0.0), source, "attention_dropout > 0 is not supported")
     _require(getattr(hf, "pretraining_tp", 1) == 1, source, "pretraining_tp != 1 is not supported")

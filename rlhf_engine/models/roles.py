@@ -54,20 +54,21 @@ SCALAR_ROLES = (Role.CRITIC, Role.REWARD)
 
 
 class RoleHead(Transformer):
-    """Layers [k, L) + final norm + an output: an LM head (V, D) or a scalar head (1, D).
+    """Layers [k, L) + final norm + an output: an LM head (V, D) or a scalar head (num_outputs, D).
 
     A ``Transformer`` slice, so its forward maps boundary states (or tokens when k = 0) to final hidden
     states with the same masks, positions and cache handling as the full model. Roles never tie the LM
     head to the embedding: the policy's head trains while the embedding sits in the frozen trunk.
     """
 
-    def __init__(self, cfg: TransformerConfig, trunk_layers: int, kind: str, spec: LayerSpec = LayerSpec()) -> None:
+    def __init__(self, cfg: TransformerConfig, trunk_layers: int, kind: str, spec: LayerSpec = LayerSpec(),
+                 num_outputs: int = 1) -> None:
         if kind not in ("lm", "scalar"):
             raise ValueError(f"kind must be 'lm' or 'scalar', got {kind!r}")
         untied = TransformerConfig(**{**cfg.__dict__, "tie_word_embeddings": False})
         super().__init__(untied, spec, layers=range(trunk_layers, cfg.num_layers), embedding=trunk_layers == 0,
                          lm_head=kind == "lm")
-        self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if kind == "scalar" else None
+        self.score = nn.Linear(cfg.hidden_size, num_outputs, bias=False) if kind == "scalar" else None
 
 
 class RoleOutput(NamedTuple):
@@ -112,17 +113,20 @@ class TrunkCache:
 class RoleModel(nn.Module):
     """The frozen trunk and the four role heads, run together (see the module docstring)."""
 
-    def __init__(self, cfg: TransformerConfig, trunk_layers: int, spec: LayerSpec = LayerSpec()) -> None:
+    def __init__(self, cfg: TransformerConfig, trunk_layers: int, spec: LayerSpec = LayerSpec(),
+                 roles: Iterable[Role] = tuple(Role)) -> None:
+        """``roles``: the heads to build (DPO needs only policy and reference; PPO all four)."""
         super().__init__()
         if not 0 <= trunk_layers < cfg.num_layers:
             raise ValueError(f"trunk_layers={trunk_layers} must be in [0, num_layers={cfg.num_layers})")
         self.config = cfg
         self.trunk_layers = trunk_layers
+        self.roles = tuple(r for r in Role if r in set(roles))
         self.trunk = None
         if trunk_layers > 0:  # embedding + layers [0, k), no final norm and no head
             self.trunk = Transformer(cfg, spec, layers=range(trunk_layers), final_norm=False, lm_head=False)
         self.heads = nn.ModuleDict({
-            role.value: RoleHead(cfg, trunk_layers, "lm" if role in LM_ROLES else "scalar", spec) for role in Role
+            role.value: RoleHead(cfg, trunk_layers, "lm" if role in LM_ROLES else "scalar", spec) for role in self.roles
         })
         self.freeze()
 
@@ -136,18 +140,19 @@ class RoleModel(nn.Module):
         *,
         reward: "Transformer | None" = None,
         reward_score: torch.Tensor | None = None,
+        roles: Iterable[Role] = tuple(Role),
     ) -> "RoleModel":
         """Roles initialised from an SFT model: trunk and policy/reference heads copy it; the reward head
         copies ``reward`` (a model of the same shape, e.g. the RM's decoder) and ``reward_score`` (1, D),
         else the SFT layers and a zero score; the critic starts as a copy of the reward head."""
         with torch.device("meta"):
-            model = cls(sft.config, trunk_layers)
+            model = cls(sft.config, trunk_layers, roles=roles)
         state = {}
         sft_state = sft.state_dict()
         if trunk_layers > 0:
             state.update({f"trunk.{k}": v for k, v in sft_state.items() if _in_trunk(k, trunk_layers)})
         rm_state = (reward if reward is not None else sft).state_dict()
-        for role in Role:
+        for role in model.roles:
             src = sft_state if role in LM_ROLES else rm_state
             for name in model.heads[role.value].state_dict():
                 key = f"heads.{role.value}.{name}"
@@ -165,7 +170,7 @@ class RoleModel(nn.Module):
         """Trunk, reference and reward never train: no gradients, so no optimizer state either."""
         if self.trunk is not None:
             self.trunk.requires_grad_(False)
-        for role in Role:
+        for role in self.roles:
             self.heads[role.value].requires_grad_(TRAINABLE[role])
 
     def head(self, role: Role) -> RoleHead:
@@ -196,14 +201,16 @@ class RoleModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # (B, S) tokens
         *,
-        roles: Iterable[Role] = tuple(Role),
+        roles: Iterable[Role] | None = None,  # default: every head this model has
         document_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,  # (B, S) next tokens for log-probs, -100 where ignored
         trunk_states: torch.Tensor | None = None,  # cached boundary states: skip the trunk
         temperature: float = 1.0,
     ) -> RoleOutput:
-        roles = set(roles)
+        roles = set(self.roles if roles is None else roles)
+        if roles - set(self.roles):
+            raise ValueError(f"roles {sorted(r.value for r in roles - set(self.roles))} were not built")
         out: dict[str, torch.Tensor | None] = {}
         if self.trunk is not None:
             if trunk_states is None:
@@ -294,12 +301,13 @@ def save_roles(model: RoleModel, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        meta = {"trunk_layers": model.trunk_layers, "config": TypeAdapter(TransformerConfig).dump_python(model.config, mode="json")}
+        meta = {"trunk_layers": model.trunk_layers, "roles": [r.value for r in model.roles],
+                "config": TypeAdapter(TransformerConfig).dump_python(model.config, mode="json")}
         (tmp / ROLES_META).write_text(json.dumps(meta, indent=2))
         if model.trunk is not None:
             save_file(_plain_state(model.trunk), str(tmp / "trunk.safetensors"))
         (tmp / "heads").mkdir()
-        for role in Role:
+        for role in model.roles:
             save_file(_plain_state(model.head(role)), str(tmp / "heads" / f"{role.value}.safetensors"))
         if path.exists():
             shutil.rmtree(path)
@@ -317,11 +325,11 @@ def load_roles(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     meta = json.loads((path / ROLES_META).read_text())
     cfg = TypeAdapter(TransformerConfig).validate_python(meta["config"])
     with torch.device("meta"):
-        model = RoleModel(cfg, meta["trunk_layers"])
+        model = RoleModel(cfg, meta["trunk_layers"], roles=[Role(r) for r in meta.get("roles", [r.value for r in Role])])
     state = {}
     if model.trunk is not None:
         state.update({f"trunk.{k}": v for k, v in load_file(str(path / "trunk.safetensors"), device=str(device)).items()})
-    for role in Role:
+    for role in model.roles:
         head = load_file(str(path / "heads" / f"{role.value}.safetensors"), device=str(device))
         state.update({f"heads.{role.value}.{k}": v for k, v in head.items()})
     model.load_state_dict(state, strict=True, assign=True)

@@ -12,11 +12,13 @@ from __future__ import annotations
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from ..models.transformer import Transformer
+from .fsdp import decoder_parts
 
 
 def apply_activation_checkpointing(model: Transformer) -> Transformer:
     """Wrap every decoder layer in place (non-reentrant checkpointing, which composes with FSDP2 and DTensor)."""
-    for index in list(model.layers):
-        model.layers[index] = checkpoint_wrapper(model.layers[index], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                                 preserve_rng_state=False)
+    for part in decoder_parts(model):
+        for index in list(part.layers):
+            part.layers[index] = checkpoint_wrapper(part.layers[index], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                                    preserve_rng_state=False)
     return model

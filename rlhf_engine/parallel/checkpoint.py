@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -133,6 +133,21 @@ def load_checkpoint(
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the unsharded model state on CPU, materialized on rank 0 only (empty elsewhere)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gather_model(model: torch.nn.Module, empty: "Callable[[], torch.nn.Module]") -> torch.nn.Module | None:
+    """Collective: an unsharded CPU copy of ``model`` on rank 0 (None elsewhere), loaded into ``empty()``
+    (a module of the same structure built on the meta device); the model itself in one process."""
+    if not dist.is_initialized():
+        return model
+    state = full_state_dict(model)
+    plain = None
+    if _rank() == 0:
+        with torch.device("meta"):
+            plain = empty()
+        plain.load_state_dict(state, assign=True)
+    _barrier()
+    return plain
 
 
 def export_hf(model: torch.nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> Path | None:

@@ -24,6 +24,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from ..models.transformer import Transformer
 
 
+def decoder_parts(model) -> list[Transformer]:
+    """The ``Transformer`` pieces of a model: itself, or a role/score model's trunk and heads."""
+    if isinstance(model, Transformer):
+        return [model]
+    heads = list(model.heads.values()) if hasattr(model, "heads") else [model.head]
+    return ([model.trunk] if model.trunk is not None else []) + heads
+
+
 def apply_fsdp(
     model: Transformer,
     dp_mesh: DeviceMesh,
@@ -32,11 +40,12 @@ def apply_fsdp(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> Transformer:
-    """Shard ``model`` in place over ``dp_mesh`` (1-D: FSDP, 2-D: HSDP); a no-op for a one-rank mesh."""
+    """Shard ``model`` (a Transformer, RoleModel or ScoreModel) in place over ``dp_mesh`` (1-D: FSDP, 2-D:
+    HSDP); a no-op for a one-rank mesh."""
     if dp_mesh.size() == 1:
         return model
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for layer in model.layers.values():
+    for layer in (layer for part in decoder_parts(model) for layer in part.layers.values()):
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model

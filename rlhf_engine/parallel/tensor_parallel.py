@@ -33,15 +33,16 @@ from torch.distributed.tensor.parallel import (
 def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False):
     """Shard ``model`` in place over ``tp_mesh`` (a 1-D mesh); a no-op when the mesh has one rank.
 
-    A ``RoleModel`` is sharded part by part, the trunk and every head the same way, so boundary states
+    A ``RoleModel`` (or ``ScoreModel``) is sharded part by part, the trunk and every head the same way, so boundary states
     flow from the trunk into any head unchanged (the scalar critic/reward projections stay replicated).
     """
     if tp_mesh.size() == 1:
         return model
-    from ..models.roles import RoleModel
+    from ..models.transformer import Transformer
+    from .fsdp import decoder_parts
 
-    if isinstance(model, RoleModel):
-        for part in ([model.trunk] if model.trunk is not None else []) + list(model.heads.values()):
+    if not isinstance(model, Transformer):
+        for part in decoder_parts(model):
             apply_tensor_parallel(part, tp_mesh, sequence_parallel=sequence_parallel)
         return model
     sp = sequence_parallel

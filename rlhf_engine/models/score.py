@@ -1,0 +1,175 @@
+"""Score models: reward, preference and rule-violation models over a frozen SFT trunk.
+
+    rm = ScoreModel.from_lm(sft_model, trunk_layers=k, num_outputs=1)
+    scores = rm(input_ids, document_ids=docs)         # (B, S, num_outputs), fp32
+    save_score_model(rm, "runs/rm/hf", tokenizer=tok)  # a LlamaForSequenceClassification checkpoint
+
+The SFT decoder is cut at layer k like the RL roles (``roles.py``): the trunk (embedding + layers [0, k))
+is frozen and the head (layers [k, L), final norm, a bias-free linear ``score`` of ``num_outputs``) trains.
+k = 0 is the full-model baseline (everything trains). One output is a reward or preference score;
+``num_outputs`` = number of rules gives Sparrow's rule-violation classifier (one logit per rule).
+
+A score is read at a sequence's last token. ``bias`` (a buffer, 0 until set) is added to every output:
+InstructGPT shifts its RM so SFT outputs score 0 on average before RL (``normalize_reward``).
+
+The checkpoint is a Hugging Face ``<Family>ForSequenceClassification`` directory (``model.*`` plus
+``score.weight``; ``reward_bias`` and ``trunk_layers`` in config.json), so transformers loads it and
+computes the same raw scores (the tests check this).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .hf import _write_shards, _weight_files, config_from_hf, config_to_hf
+from .roles import RoleHead
+from .transformer import LayerSpec, Transformer, TransformerConfig
+
+
+
+class ScoreModel(nn.Module):
+    """Frozen trunk (k > 0) and a trainable head with a linear score (see the module docstring)."""
+
+    def __init__(self, cfg: TransformerConfig, trunk_layers: int, num_outputs: int = 1,
+                 spec: LayerSpec = LayerSpec()) -> None:
+        super().__init__()
+        if not 0 <= trunk_layers < cfg.num_layers:
+            raise ValueError(f"trunk_layers={trunk_layers} must be in [0, num_layers={cfg.num_layers})")
+        self.config, self.trunk_layers, self.num_outputs = cfg, trunk_layers, num_outputs
+        self.trunk = None
+        if trunk_layers > 0:
+            self.trunk = Transformer(cfg, spec, layers=range(trunk_layers), final_norm=False, lm_head=False)
+            self.trunk.requires_grad_(False)
+        self.head = RoleHead(cfg, trunk_layers, "scalar", spec, num_outputs=num_outputs)
+        self.register_buffer("bias", torch.zeros(num_outputs), persistent=True)
+
+    @classmethod
+    def from_lm(cls, lm: Transformer, trunk_layers: int, num_outputs: int = 1,
+                generator: torch.Generator | None = None) -> "ScoreModel":
+        """Trunk and head layers copied from a language model (the SFT model); the score is drawn from
+        N(0, 1/(D+1)) as in InstructGPT-style RMs started from an LM (small, so initial scores are near 0)."""
+        with torch.device("meta"):
+            model = cls(lm.config, trunk_layers, num_outputs)
+        src = lm.state_dict()
+        state = {}
+        for name in model.state_dict():
+            if name == "bias":
+                state[name] = torch.zeros(num_outputs)
+            elif name == "head.score.weight":
+                D = lm.config.hidden_size
+                state[name] = torch.randn(num_outputs, D, generator=generator) / (D + 1) ** 0.5
+            else:
+                state[name] = src[name.split(".", 1)[1]]
+        model.load_state_dict({k: v.detach().clone().float() for k, v in state.items()}, strict=True, assign=True)
+        if model.trunk is not None:
+            model.trunk.requires_grad_(False)
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, S)
+        *,
+        document_ids: torch.Tensor | None = None,  # (B, S) packed sequences, PAD_DOCUMENT on padding
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores at every position, (B, S, num_outputs) in fp32; read each sequence's last token."""
+        x = input_ids
+        if self.trunk is not None:
+            with torch.no_grad():  # frozen: no graph through the trunk
+                x = self.trunk(input_ids, document_ids=document_ids, positions=positions)  # (B, S, D)
+            if document_ids is None and positions is None:
+                B, S = input_ids.shape
+                positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        hidden = self.head(x, document_ids=document_ids, positions=positions)  # (B, S, D)
+        return self.head.score(hidden).float() + self.bias  # (B, S, num_outputs)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trunk and head as one decoder's state (our names) plus ``score.weight``."""
+        state = {} if self.trunk is None else dict(self.trunk.state_dict())
+        state.update({k: v for k, v in self.head.state_dict().items()})
+        return state
+
+
+def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: Any = None,
+                     labels: list[str] | None = None) -> Path:
+    """Write ``model`` as a Hugging Face sequence-classification checkpoint, atomically (assembled beside
+    ``path`` and renamed into place). ``labels`` name the outputs (e.g. the rules)."""
+    cfg = model.config
+    token_ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} if tokenizer else {}
+    state = {}
+    for k, v in model.full_state_dict().items():
+        state[k if k.startswith("score.") else f"model.{k}"] = v.detach().float().cpu().contiguous()
+    hf_cfg = config_to_hf(TransformerConfig(**{**cfg.__dict__, "tie_word_embeddings": False}), torch.float32, **token_ids)
+    hf_cfg.architectures = [hf_cfg.architectures[0].replace("ForCausalLM", "ForSequenceClassification")]
+    hf_cfg.num_labels = model.num_outputs
+    if labels is not None:
+        if len(labels) != model.num_outputs:
+            raise ValueError(f"{len(labels)} labels for {model.num_outputs} outputs")
+        hf_cfg.id2label = dict(enumerate(labels))
+        hf_cfg.label2id = {name: i for i, name in enumerate(labels)}
+    hf_cfg.reward_bias = model.bias.tolist()
+    hf_cfg.trunk_layers = model.trunk_layers
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        hf_cfg.save_pretrained(tmp)
+        _write_shards(state, tmp, 5 * 2**30)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_score_model(path: str | os.PathLike, *, trunk_layers: int | None = None) -> ScoreModel:
+    """Read a checkpoint written by ``save_score_model`` (or any HF Llama/Mistral/Qwen2 sequence
+    classifier). ``trunk_layers`` defaults to the saved cut."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    cfg = TransformerConfig(**{**config_from_hf(hf_cfg, path / "config.json", head="ForSequenceClassification").__dict__, "tie_word_embeddings": False})
+    k = trunk_layers if trunk_layers is not None else int(getattr(hf_cfg, "trunk_layers", 0))
+    with torch.device("meta"):
+        model = ScoreModel(cfg, k, int(hf_cfg.num_labels))
+    flat: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                flat[name.removeprefix("model.")] = f.get_tensor(name).float()
+    state = {"bias": torch.tensor(getattr(hf_cfg, "reward_bias", None) or [0.0] * model.num_outputs)}
+    for name in model.state_dict():
+        if name == "bias":
+            continue
+        key = name.split(".", 1)[1]  # trunk.X / head.X -> X
+        if key not in flat:
+            raise ValueError(f"{path}: missing tensor {key!r}")
+        state[name] = flat[key]
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.trunk is not None:
+        model.trunk.requires_grad_(False)
+    return model
+
+
+def score_labels(path: str | os.PathLike) -> list[str]:
+    """Output names recorded in a score checkpoint's config.json."""
+    meta = json.loads((Path(path) / "config.json").read_text())
+    id2label = meta.get("id2label") or {}
+    return [id2label[str(i)] for i in range(len(id2label))]
