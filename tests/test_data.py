@@ -91,3 +91,84 @@ def test_builtin_data_is_deterministic_and_answers_are_right():
         if user.startswith("What is"):
             x, _, y = user.removeprefix("What is ").rstrip("?").split()
             assert answer.endswith(f"is {int(x) + int(y)}.")
+
+
+# ---------------------------------------------------------------------------------------------- preference rows
+
+from rlhf_engine.data.preference import parse_choice, parse_ranking, rule_parser  # noqa: E402
+from rlhf_engine.data.reader import read_rows  # noqa: E402
+
+CHAT = [{"role": "user", "content": "hi"}]
+DIALOGUE = CHAT + [{"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize("parse,bad,why", [
+    (parse_ranking, {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [1, 2]}, "one rank per response (3)"),
+    (parse_ranking, {"prompt": "p", "responses": ["a", "b"], "ranking": [2, 2]}, "all responses are tied"),
+    (parse_ranking, {"prompt": "p", "responses": ["a"] * 10, "ranking": list(range(1, 11))}, "2..9"),
+    (parse_ranking, {"prompt": "p", "responses": [], "ranking": []}, "2..9"),
+    (parse_ranking, {"prompt": "p", "responses": ["a", "b"], "ranking": [1, "2"]}, "integers >= 1"),
+    (parse_ranking, {"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}, "integers >= 1"),
+    (parse_ranking, {"prompt": "p", "responses": ["a", 3], "ranking": [1, 2]}, "'responses'[1] must be a string"),
+    (parse_ranking, {"prompt": "p", "chosen": "a"}, "missing key(s) ['rejected']"),
+    (parse_ranking, {"prompt": "", "chosen": "a", "rejected": "b"}, "empty string"),
+    (parse_ranking, {"prompt": CHAT + [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
+     "must end with a user"),
+    (parse_ranking, {"prompt": "p", "chosen": "a", "rejected": "b", "score": 1}, "unknown key(s) ['score']"),
+    (parse_choice, {"prompt": "p", "responses": ["a", "b"], "chosen": 2}, "index into 'responses' (0..1)"),
+    (parse_choice, {"prompt": "p", "responses": ["a"], "chosen": 0}, "at least 2"),
+    (rule_parser(["harm"]), {"messages": DIALOGUE, "labels": {"spam": True}}, "unknown rule(s) ['spam']"),
+    (rule_parser(["harm"]), {"messages": DIALOGUE, "labels": {"harm": "maybe"}}, "true (violated), false or \"unsure\""),
+    (rule_parser(["harm"]), {"messages": DIALOGUE, "labels": {}}, "non-empty object"),
+])
+def test_bad_preference_rows_name_file_line_and_problem(tmp_path, parse, bad, why):
+    good = {"prompt": "p", "responses": ["a", "b"], "ranking": [1, 2]} if parse is parse_ranking else (
+        {"prompt": "p", "responses": ["a", "b"], "chosen": 0} if parse is parse_choice else
+        {"messages": DIALOGUE, "labels": {"harm": False}})
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=rf"prefs\.jsonl:3: .*{re.escape(why)}"):
+        read_rows(path, parse)
+
+
+def test_unsure_labels_are_dropped_and_single_rule_rows_parse():
+    parse = rule_parser(["harm", "spam"])
+    row = parse({"messages": DIALOGUE, "labels": {"harm": True, "spam": "unsure"}})
+    assert row.labels == (("harm", True),)
+    assert parse({"messages": DIALOGUE, "rule": "spam", "violated": False}).labels == (("spam", False),)
+
+
+def test_parquet_rows_and_empty_files(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [1, 2, 2]},
+            {"prompt": "q", "responses": ["x", "y"], "ranking": [1, 1]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "r.parquet")
+    with pytest.raises(DataError, match=r"r\.parquet:row 2: all responses are tied"):
+        read_rows(tmp_path / "r.parquet", parse_ranking)
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "ok.parquet")
+    assert read_rows(tmp_path / "ok.parquet", parse_ranking)[0].pairs() == [(0, 1), (0, 2)]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no rows"):
+        read_rows(tmp_path / "empty.jsonl", parse_ranking)
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
+        read_rows(tmp_path / "missing.jsonl", parse_ranking)
+
+
+def test_conversational_response_tokens_are_the_assistant_turn(tokenizer):
+    from rlhf_engine.data.preference import tokenize_response
+
+    ids, n_prompt = tokenize_response(tokenizer, parse_ranking(
+        {"prompt": CHAT, "chosen": "hello", "rejected": "bye"}).prompt, "hello")
+    assert tokenizer.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(ids[n_prompt:]) == "hello<|im_end|>\n"
+
+
+def test_sft_text_rows_learn_every_token(tokenizer):
+    from rlhf_engine.data.chat import parse_sft_row, tokenize_sft_row
+
+    ids, learn = tokenize_sft_row(tokenizer, parse_sft_row({"text": "plain text"}))
+    assert all(learn) and ids[-1] == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="non-empty string"):
+        parse_sft_row({"text": ""})

@@ -1,0 +1,59 @@
+"""Score models: scores equal transformers' sequence classifier loaded from our export; the trunk is
+frozen; packed sequences score as if alone."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlhf_engine.models import Transformer, TransformerConfig
+from rlhf_engine.models.score import ScoreModel, load_score_model, save_score_model
+
+CFG = TransformerConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=64)
+
+
+def _lm(family="llama"):
+    cfg = TransformerConfig(**{**CFG.__dict__, "family": family, "qkv_bias": family == "qwen2"})
+    lm = Transformer(cfg)
+    lm.reset_parameters(torch.Generator().manual_seed(0))
+    return lm
+
+
+@pytest.mark.parametrize("trunk_layers,outputs,family", [(0, 1, "llama"), (2, 1, "llama"), (1, 3, "qwen2")])
+def test_export_scores_equal_transformers_sequence_classifier(tmp_path, trunk_layers, outputs, family):
+    model = ScoreModel.from_lm(_lm(family), trunk_layers, outputs, generator=torch.Generator().manual_seed(1))
+    model.bias.fill_(0.25)
+    ids = torch.randint(0, 101, (1, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(ids)[0, -1]  # (outputs,)
+    save_score_model(model, tmp_path / "rm", labels=[f"r{i}" for i in range(outputs)])
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        theirs = hf(ids).logits[0]
+    torch.testing.assert_close(ours - 0.25, theirs, rtol=1e-5, atol=1e-5)  # HF has no bias: raw scores
+    back = load_score_model(tmp_path / "rm")
+    assert back.trunk_layers == trunk_layers
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[0, -1], ours)
+
+
+def test_trunk_is_frozen_and_k0_trains_everything():
+    cut = ScoreModel.from_lm(_lm(), 2)
+    trainable = {n for n, p in cut.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("head.") for n in trainable)
+    ids = torch.randint(0, 101, (2, 9))
+    cut(ids)[..., 0].sum().backward()
+    assert all(p.grad is None for p in cut.trunk.parameters())
+    full = ScoreModel.from_lm(_lm(), 0)
+    assert all(p.requires_grad for p in full.parameters())
+
+
+def test_packed_sequences_score_as_if_alone():
+    model = ScoreModel.from_lm(_lm(), 1)
+    a, b = torch.randint(0, 101, (5,)), torch.randint(0, 101, (7,))
+    packed = torch.cat([a, b])[None]
+    docs = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        s = model(packed, document_ids=docs)[0, :, 0]
+        torch.testing.assert_close(s[4], model(a[None])[0, -1, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s[11], model(b[None])[0, -1, 0], rtol=1e-5, atol=1e-6)
