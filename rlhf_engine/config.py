@@ -215,6 +215,34 @@ class AlgorithmConfig:
 
 
 @section
+class RewardConfig:
+    """The RL reward (``rewards.py``): weighted learned, rule, length, format and programmatic terms."""
+
+    preference_path: str | None = None
+    """Reward/preference model checkpoint (``<rm run>/hf``); its score enters with preference_weight."""
+    preference_weight: float = 1.0
+    """Weight of the preference score."""
+    rules_path: str | None = None
+    """Rule-violation model checkpoint; adds rules_weight * sum over rules of P(rule respected)."""
+    rules_weight: float = 1.0
+    """Weight of the summed rule-compliance probabilities."""
+    length_target: int | None = None
+    """Response tokens beyond this are penalised: -length_weight * excess / length_target."""
+    length_weight: float = 0.0
+    """Weight of the length penalty."""
+    format: str | None = None
+    """Name of a registered 0/1 check (e.g. json_object, single_line) rewarded with format_weight."""
+    format_weight: float = 1.0
+    """Weight of the format check."""
+    functions: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Registered programmatic rewards and their weights, e.g. {exact_match: 1.0}."""
+
+    def __post_init__(self) -> None:
+        if self.length_target is not None and self.length_target < 1:
+            raise ValueError("length_target must be >= 1")
+
+
+@section
 class RolloutConfig:
     """Sampling from the policy."""
 
@@ -297,6 +325,7 @@ class RunConfig:
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
