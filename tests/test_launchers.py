@@ -47,6 +47,39 @@ def test_sft_under_torchrun_matches_single_process(tmp_path, layout):
     assert (tmp_path / "dist" / "hf" / "model.safetensors").exists()
 
 
+PREF_TINY = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
+             "model.architecture.num_layers=3", "model.architecture.num_heads=4", "model.architecture.num_kv_heads=2",
+             "data.seq_len=128", "trainer.micro_batch_size=3", "trainer.max_steps=4", "trainer.eval_batches=2",
+             "trainer.eval_every=0", "trainer.save_every=0", "logging.log_every=1", "optim.warmup_steps=0",
+             "logging.tensorboard=false"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("command,recipe,layout", [
+    ("dpo", "configs/dpo_tiny.yaml", ["parallel.dp_shard=2"]),
+    ("rm", "configs/rm_tiny.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+], ids=["dpo_fsdp2", "rm_tp2_sp"])
+def test_preference_stages_under_torchrun_match_single_process(tmp_path, command, recipe, layout):
+    """Roles over a shared trunk (DPO) under FSDP2 and a score model (RM) under TP+SP reproduce one process."""
+    from rlhf_engine.cli import main
+
+    dp = 2 if "parallel.dp_shard=2" in layout else 1
+    assert main([command, "--config", recipe, *PREF_TINY, f"trainer.out_dir={tmp_path / 'single'}",
+                 "trainer.grad_accum_steps=2"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [str(ROOT / "scripts/torchrun.sh"), "2", command, "--config", recipe, *PREF_TINY, *layout,
+         f"trainer.out_dir={tmp_path / 'dist'}", f"trainer.grad_accum_steps={2 // dp}",
+         f"model.tokenizer_path={tmp_path / 'single' / 'tokenizer'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "dist")
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    assert (tmp_path / "dist" / "hf" / "model.safetensors").exists()
+
+
 def test_slurm_script_renders_multinode_torchrun(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()

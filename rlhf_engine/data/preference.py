@@ -20,7 +20,7 @@ the micro-batch's sequences. Sequences are packed into rows (``Sequences``) like
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence, Union
 
 import torch
@@ -253,8 +253,21 @@ def pack_sequences(seqs: Sequence[tuple[list[int], int]], seq_len: int, pad_id: 
     return Sequences(input_ids, document_ids, labels, seq_index, last)
 
 
+class _OverSequences:
+    """Shared by the batches below: token count and device move of every tensor field."""
+
+    seqs: Sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seqs.num_tokens
+
+    def to(self, device):
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
 @dataclass(frozen=True)
-class PairBatch:
+class PairBatch(_OverSequences):
     """Preference pairs over packed sequences: sequence ``chosen[m]`` is preferred to ``rejected[m]``.
     Used by the ranking RM (all pairs of each prompt's K responses) and by DPO."""
 
@@ -265,13 +278,6 @@ class PairBatch:
     @property
     def num_targets(self) -> int:
         return int(self.chosen.numel())
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seqs.num_tokens
-
-    def to(self, device) -> "PairBatch":
-        return PairBatch(self.seqs.to(device), self.chosen.to(device), self.rejected.to(device))
 
 
 def pair_batch(tokenized: Sequence[tuple[list[tuple[list[int], int]], list[tuple[int, int]]]], seq_len: int,
@@ -287,7 +293,7 @@ def pair_batch(tokenized: Sequence[tuple[list[tuple[list[int], int]], list[tuple
 
 
 @dataclass(frozen=True)
-class ChoiceBatch:
+class ChoiceBatch(_OverSequences):
     """Pick-one-of-N: ``options[p]`` are prompt p's candidate sequences (-1 pads ragged N), and
     ``chosen[p]`` the column of the picked one."""
 
@@ -298,13 +304,6 @@ class ChoiceBatch:
     @property
     def num_targets(self) -> int:
         return int(self.chosen.numel())
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seqs.num_tokens
-
-    def to(self, device) -> "ChoiceBatch":
-        return ChoiceBatch(self.seqs.to(device), self.options.to(device), self.chosen.to(device))
 
 
 def choice_batch(prompts: Sequence[list[tuple[list[int], int]]], chosen: Sequence[int], seq_len: int,
@@ -319,7 +318,7 @@ def choice_batch(prompts: Sequence[list[tuple[list[int], int]]], chosen: Sequenc
 
 
 @dataclass(frozen=True)
-class RuleBatch:
+class RuleBatch(_OverSequences):
     """Dialogues with per-rule violation labels; ``mask`` is False where a rule is unlabeled or unsure."""
 
     seqs: Sequences
@@ -329,13 +328,6 @@ class RuleBatch:
     @property
     def num_targets(self) -> int:
         return int(self.mask.sum())
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seqs.num_tokens
-
-    def to(self, device) -> "RuleBatch":
-        return RuleBatch(self.seqs.to(device), self.labels.to(device), self.mask.to(device))
 
 
 def rule_batch(dialogues: Sequence[list[int]], labels: Sequence[RuleLabels], rules: Sequence[str], seq_len: int,

@@ -66,7 +66,7 @@ class Runtime:
     def parallelize(self, model, cfg: RunConfig):
         """Apply the configured layout to ``model`` (on this runtime's device) in place."""
         if self.dims.pp > 1:
-            raise LayoutError(f"pp={self.dims.pp}: this stage's loop does not drive a pipeline schedule yet; "
+            raise LayoutError(f"pp={self.dims.pp}: the trainer does not drive a pipeline schedule yet; "
                               "use tp, dp_shard and dp_replicate")
         dtype = DTYPES[cfg.precision.dtype]
         if self.mesh is None:

@@ -17,8 +17,9 @@ The sequence length must then be divisible by tp.
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -44,6 +45,8 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool
     if not isinstance(model, Transformer):
         for part in decoder_parts(model):
             apply_tensor_parallel(part, tp_mesh, sequence_parallel=sequence_parallel)
+            if getattr(part, "score", None) is not None:
+                _replicate(part.score, tp_mesh)
         return model
     sp = sequence_parallel
     residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
@@ -82,3 +85,18 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool
             })
         parallelize_module(layer, tp_mesh, plan)
     return model
+
+
+def _replicate(module, tp_mesh: DeviceMesh) -> None:
+    """A small module kept whole on every tp rank (a scalar value/reward head): its parameters become
+    replicated DTensors, so gradient clipping and checkpoints see one kind of tensor; it takes and
+    returns plain tensors."""
+
+    def to_dtensor(mod, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+    def to_local(mod, output, mesh):
+        return output.to_local() if isinstance(output, DTensor) else output
+
+    distribute_module(module, tp_mesh, input_fn=to_dtensor, output_fn=to_local)
