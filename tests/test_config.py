@@ -83,3 +83,24 @@ def test_cross_field_rules_are_enforced():
 def test_override_into_a_value_is_refused():
     with pytest.raises(ConfigError, match="'optim.lr' is a value, not a section"):
         load_config(ROOT / "configs/sft_tiny.yaml", ["optim.lr.x=1"])
+
+
+def test_stage_commands_refuse_a_recipe_for_another_algorithm(capsys):
+    from rlhf_engine.cli import main
+
+    assert main(["rm", "--config", str(ROOT / "configs/dpo_tiny.yaml")]) == 2
+    assert "algorithm.name is 'dpo'; 'rlhf-engine rm' runs rm, sparrow, rules" in capsys.readouterr().err
+    assert main(["train", "--config", str(ROOT / "configs/rules_tiny.yaml"), "algorithm.rules.names=[]"]) == 2
+    assert "needs algorithm.rules.names" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="label_smoothing > 0 goes with loss_type 'cdpo'"):
+        load_config(ROOT / "configs/dpo_tiny.yaml", ["algorithm.dpo.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match="unknown key 'algorithm.dpo.betta'; did you mean 'algorithm.dpo.beta'"):
+        load_config(ROOT / "configs/dpo_tiny.yaml", ["algorithm.dpo.betta=0.2"])
+
+
+def test_missing_training_file_names_the_key(tmp_path, capsys):
+    from rlhf_engine.cli import main
+
+    assert main(["rm", "--config", str(ROOT / "configs/rm_tiny.yaml"), f"data.train_path={tmp_path}/none.jsonl",
+                 f"trainer.out_dir={tmp_path}/run"]) == 2
+    assert "none.jsonl: no such file" in capsys.readouterr().err
