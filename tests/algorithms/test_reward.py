@@ -3,7 +3,6 @@ layout, and the stages learning synthetic preferences (held-out accuracy)."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
