@@ -27,7 +27,7 @@ from .data.preference import Sequences, pack_sequences
 from .models.score import ScoreModel, load_score_model
 
 RewardFn = Callable[[str, str, "str | None"], float]
-REWARD_FUNCTIONS: Registry = Registry("reward function")
+REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
 
 
 def _normalize(text: str) -> str:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -297,8 +298,6 @@ class Trainer(Generic[B]):
         keep = self.cfg.trainer.keep_checkpoints
         if not self.rt.is_main or keep <= 0:
             return
-        import shutil
-
         done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.suffix != ".tmp")
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -9,12 +9,13 @@ that computes something else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -210,6 +211,26 @@ def load_hf_model(
     return model
 
 
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a fresh directory beside ``path`` to fill; on success it replaces ``path`` by renames (the old
+    one moved aside first, then removed), on failure it is deleted. A crash never leaves a half-written
+    directory under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_hf_model(
     model: Transformer,
     path: str | os.PathLike,
@@ -236,24 +257,11 @@ def save_hf_model(
             token_ids[key] = getattr(tokenizer, key, None)
     hf_cfg = config_to_hf(model.config, out_dtype, **token_ids)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         hf_cfg.save_pretrained(tmp)
         _write_shards(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

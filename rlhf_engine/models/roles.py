@@ -27,8 +27,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -38,6 +36,7 @@ from pydantic import TypeAdapter
 from rlhf_kernels import linear_logprob
 from torch import nn
 
+from .hf import atomic_directory
 from .transformer import KVCache, LayerSpec, Transformer, TransformerConfig, local_vocab_shard
 
 
@@ -297,10 +296,7 @@ def save_roles(model: RoleModel, path: str | os.PathLike) -> Path:
     temporary directory renamed into place (an existing ``path`` is replaced only when complete)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(Path(path)) as tmp:
         meta = {"trunk_layers": model.trunk_layers, "roles": [r.value for r in model.roles],
                 "config": TypeAdapter(TransformerConfig).dump_python(model.config, mode="json")}
         (tmp / ROLES_META).write_text(json.dumps(meta, indent=2))
@@ -309,13 +305,7 @@ def save_roles(model: RoleModel, path: str | os.PathLike) -> Path:
         (tmp / "heads").mkdir()
         for role in model.roles:
             save_file(_plain_state(model.head(role)), str(tmp / "heads" / f"{role.value}.safetensors"))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_roles(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> RoleModel:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .hf import _write_shards, _weight_files, config_from_hf, config_to_hf
+from .hf import _weight_files, _write_shards, atomic_directory, config_from_hf, config_to_hf
 from .roles import RoleHead
 from .transformer import LayerSpec, Transformer, TransformerConfig
 
@@ -119,22 +117,11 @@ def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: A
     hf_cfg.reward_bias = model.bias.tolist()
     hf_cfg.trunk_layers = model.trunk_layers
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         hf_cfg.save_pretrained(tmp)
         _write_shards(state, tmp, 5 * 2**30)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

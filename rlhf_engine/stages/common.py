@@ -40,6 +40,13 @@ def split_rows(rows: Sequence[T], fraction: float, seed: int) -> tuple[list[T], 
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
+def shuffled(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's order of ``n`` rows: a shuffle seeded by (seed, epoch), the same on every rank."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
 def build_tokenizer(cfg: RunConfig, texts: Iterable[str], rt: Runtime, out: Path):
     """The configured tokenizer, or (scratch model without one) a byte-level BPE trained on ``texts`` once,
     on rank 0, saved under ``<out_dir>/tokenizer``."""

@@ -41,7 +41,7 @@ from ..models.score import ScoreModel, save_score_model
 from ..parallel.checkpoint import gather_model
 from ..parallel.runtime import init_runtime
 from ..trainer import BatchStream, Trainer
-from .common import announce, base_model, build_tokenizer, open_run, pad_id, split_rows, write_summary
+from .common import announce, base_model, build_tokenizer, open_run, pad_id, shuffled, split_rows, write_summary
 
 PARSERS: dict[str, Callable[[RunConfig], Callable]] = {
     "rm": lambda cfg: parse_ranking,
@@ -74,12 +74,6 @@ def texts_of(rows: Sequence[Ranking | Choice | RuleLabels]):
 def chunks(order: list[int], size: int) -> list[list[int]]:
     """Consecutive groups of ``size`` (a partial last group is dropped)."""
     return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
-
-
-def shuffled(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
 
 
 class RowBatcher:

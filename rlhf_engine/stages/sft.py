@@ -15,7 +15,6 @@ and rank 0 writes the run directory.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..parallel.checkpoint import export_hf
 from ..parallel.runtime import init_runtime
 from ..rollout import generate
 from ..trainer import BatchStream, Trainer
-from .common import announce, base_model, build_tokenizer, open_run, pad_id, split_rows, write_summary
+from .common import announce, base_model, build_tokenizer, open_run, pad_id, shuffled, split_rows, write_summary
 
 def load_sft_rows(cfg: RunConfig) -> tuple[list, list]:
     """(train, eval) rows from JSONL/Parquet files or the built-in set; eval held out by a seeded split."""
@@ -55,8 +54,7 @@ def sft_stream(examples: list[Example], cfg: RunConfig, pad: int) -> BatchStream
     seq_len, mbs = cfg.data.seq_len, cfg.trainer.micro_batch_size
 
     def plan_epoch(epoch: int) -> list[list[list[int]]]:
-        order = list(range(len(examples)))
-        random.Random(cfg.trainer.seed * 1_000_003 + epoch).shuffle(order)
+        order = shuffled(len(examples), cfg.trainer.seed, epoch)
         rows = [[order[i] for i in row] for row in pack([examples[i] for i in order], seq_len)]
         return [rows[i : i + mbs] for i in range(0, len(rows) - mbs + 1, mbs)]
 
