@@ -4,7 +4,8 @@
     rlhf-engine sft --config configs/sft_tiny.yaml trainer.max_steps=20
     rlhf-engine rm --config configs/rm_tiny.yaml data.train_path=rankings.jsonl
     rlhf-engine dpo --config configs/dpo_tiny.yaml model.hf_path=runs/sft/hf
-    rlhf-engine train --config RECIPE        # the stage algorithm.name names (sft, rm, sparrow, rules, dpo)
+    rlhf-engine rl --config configs/ppo_tiny.yaml model.hf_path=runs/sft/hf reward.preference_path=runs/rm/hf
+    rlhf-engine train --config RECIPE        # the stage algorithm.name names (sft, rm, ..., dpo, ppo, grpo, ...)
     rlhf-engine plan --config configs/gpt3_175b_ppo.yaml --world-size 1024 --json
 
 Every training command takes ``--config RECIPE`` plus dotted ``key=value`` overrides; a bad key or
@@ -37,13 +38,18 @@ def _stage(name: str):
         from .stages.dpo import run_dpo
 
         return run_dpo
+    if name in RL_COMMAND:
+        from .stages.rl import run_rl
+
+        return run_rl
     from .stages.reward import run_reward_model
 
     return run_reward_model
 
 
 # subcommand -> the algorithm names it runs (the first is set when the recipe names none)
-COMMANDS = {"sft": ("sft",), "rm": ("rm", "sparrow", "rules"), "dpo": ("dpo",)}
+RL_COMMAND = ("ppo", "grpo", "rloo", "reinforce_pp", "a2c")
+COMMANDS = {"sft": ("sft",), "rm": ("rm", "sparrow", "rules"), "dpo": ("dpo",), "rl": RL_COMMAND}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sft": "supervised fine-tuning on chat demonstrations (assistant tokens only) or plain text",
         "rm": "reward model: InstructGPT ranking RM (or algorithm.name=sparrow / rules)",
         "dpo": "offline preference optimisation: DPO, conservative DPO, IPO",
+        "rl": "online RL: PPO (+ptx), GRPO / Dr. GRPO, RLOO, REINFORCE++, A2C (algorithm.name; default ppo)",
     }
     for command, text in stages.items():
         stage = sub.add_parser(command, help=text)

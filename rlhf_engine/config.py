@@ -109,6 +109,9 @@ class DataConfig:
     """Number of conversations generated for the built-in demo set."""
     seq_len: int
     """Tokens per packed row; a longer sequence (conversation, prompt + response) is truncated."""
+    pretrain_path: str | None = None
+    """PPO-ptx: plain-text ({"text": ...}) or chat rows whose next-token loss is mixed into the policy
+    update (algorithm.rl.ptx_coef > 0); packed into rows of seq_len."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -123,6 +126,8 @@ class OptimConfig:
 
     lr: float
     """Peak learning rate."""
+    critic_lr: float | None = None
+    """RL: peak learning rate of the critic head (default: lr); follows the same schedule."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr (cosine and linear schedules)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -198,20 +203,105 @@ class DPOConfig:
 
 
 @section
+class RLConfig:
+    """Online RL (algorithm.name = ppo, grpo, rloo, reinforce_pp or a2c): rollouts, advantages, losses.
+
+    Each rollout samples ``prompts_per_rollout`` prompts (over all data-parallel ranks) ``group`` times;
+    its sequences are then split into micro-batches of ``trainer.micro_batch_size`` and trained on for
+    ``epochs`` passes, one optimizer step per ``trainer.grad_accum_steps`` micro-batches (a minibatch).
+    ``trainer.max_steps`` counts optimizer steps."""
+
+    prompts_per_rollout: int = 16
+    """Prompts sampled per rollout, over all data-parallel ranks."""
+    group: int = 1
+    """Responses sampled per prompt (GRPO/RLOO need >= 2; the group shares the baseline)."""
+    epochs: int = 1
+    """Passes over each rollout (PPO: several; GRPO/RLOO/REINFORCE++ usually 1)."""
+    kl_coef: float = 0.02
+    """beta: weight of KL(policy || reference); the initial value when target_kl is set."""
+    kl_estimator: Literal["k1", "k2", "k3", "exact"] | None = None
+    """Per-token KL estimator (Schulman 2020); exact sums over the vocabulary. Default: k1 in the
+    reward (InstructGPT), k3 in the loss (GRPO)."""
+    kl_in: Literal["reward", "loss"] | None = None
+    """Where the KL penalty goes: subtracted from the per-token reward, or added to the loss.
+    Default: reward for ppo, rloo, reinforce_pp and a2c; loss for grpo."""
+    target_kl: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the rollout KL approaches this value."""
+    kl_horizon: int = 10000
+    """Adaptive KL: the controller's horizon in sampled sequences."""
+    clip_eps: float = 0.2
+    """Ratio clip of the surrogate (PPO, GRPO, RLOO, REINFORCE++; A2C does not clip)."""
+    clip_eps_high: float | None = None
+    """Upper ratio clip when it differs from clip_eps (DAPO's clip-higher)."""
+    dual_clip: float | None = None
+    """Dual clip c > 1 for negative advantages (Ye et al. 2020)."""
+    value_clip: float | None = 0.2
+    """Clip of the value update around the values at collection; None disables."""
+    value_coef: float = 0.5
+    """Weight of the critic's loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda (PPO)."""
+    n_step: int = 8
+    """A2C: n of the n-step returns bootstrapped from the critic."""
+    whiten_advantages: bool | None = None
+    """Normalise advantages over the rollout (all ranks). Default: on for ppo and a2c."""
+    whiten_rewards: bool = False
+    """Normalise the rollout's sequence scores (all ranks) before the KL penalty is added."""
+    reward_clip: float | None = None
+    """Clip sequence scores to [-reward_clip, reward_clip]."""
+    dr_grpo: bool = False
+    """GRPO: Dr. GRPO (Liu et al. 2025): no std scaling of group advantages and a length-unbiased sum
+    over tokens divided by rollout.max_new_tokens."""
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] | None = None
+    """How per-token losses combine (over the optimizer step). Default: token_mean; GRPO
+    seq_mean_token_mean; Dr. GRPO token_sum_norm."""
+    kl_stop: float | None = None
+    """Skip the rest of a rollout's epochs once a step's approx KL(old || new) exceeds this."""
+    ptx_coef: float = 0.0
+    """PPO-ptx gamma: weight of the next-token loss on data.pretrain_path (InstructGPT: 27.8)."""
+    ptx_micro_batch_size: int | None = None
+    """Packed pretraining rows per micro-batch (default: trainer.micro_batch_size)."""
+    cache_trunk: bool = True
+    """Keep the rollout's trunk states for its epochs instead of recomputing the frozen trunk."""
+    eval_prompts: int = 16
+    """Held-out prompts sampled (with a fixed seed) at each evaluation for reward and KL."""
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_rollout < 1 or self.group < 1 or self.epochs < 1 or self.n_step < 1:
+            raise ValueError("prompts_per_rollout, group, epochs and n_step must be >= 1")
+        if self.kl_coef < 0 or self.ptx_coef < 0 or self.entropy_coef < 0 or self.value_coef < 0:
+            raise ValueError("kl_coef, ptx_coef, entropy_coef and value_coef must be >= 0")
+        if self.target_kl is not None and (self.target_kl <= 0 or self.kl_coef <= 0):
+            raise ValueError("target_kl needs target_kl > 0 and an initial kl_coef > 0")
+        if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("need 0 < gamma <= 1 and 0 <= lam <= 1")
+        if self.clip_eps <= 0 or (self.dual_clip is not None and self.dual_clip <= 1):
+            raise ValueError("clip_eps must be > 0 and dual_clip > 1")
+
+
+@section
 class AlgorithmConfig:
     """What is optimized; the stage is chosen by ``name``, its settings live in the same-named section."""
 
-    name: Literal["sft", "rm", "sparrow", "rules", "dpo"] = "sft"
+    name: Literal["sft", "rm", "sparrow", "rules", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "a2c"] = "sft"
     """sft: next-token loss on assistant tokens (and plain text); rm: InstructGPT ranking reward model;
-    sparrow: Sparrow preference model; rules: Sparrow rule-violation classifier; dpo: DPO/cDPO/IPO."""
+    sparrow: Sparrow preference model; rules: Sparrow rule-violation classifier; dpo: DPO/cDPO/IPO;
+    ppo, grpo, rloo, reinforce_pp, a2c: online RL (settings in algorithm.rl)."""
     rm: RankingRMConfig = dataclasses.field(default_factory=RankingRMConfig)
     sparrow: PreferenceModelConfig = dataclasses.field(default_factory=PreferenceModelConfig)
     rules: RuleModelConfig = dataclasses.field(default_factory=RuleModelConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
 
     def __post_init__(self) -> None:
         if self.name == "rules" and not self.rules.names:
             raise ValueError("algorithm.name = rules needs algorithm.rules.names")
+        if self.name in ("grpo", "rloo") and self.rl.group < 2:
+            raise ValueError(f"algorithm.name = {self.name} needs algorithm.rl.group >= 2 (the group is the baseline)")
 
 
 @section

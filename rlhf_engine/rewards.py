@@ -9,7 +9,8 @@ rewards, combined with weights from the config (``reward.*``).
 
 The Sparrow recipe combines the preference model with rule compliance; InstructGPT uses the RM alone;
 verifiable-reward RL uses programmatic checkers (``exact_match``). Programmatic rewards are plain
-functions ``f(prompt, response, answer) -> float`` registered by name in ``REWARD_FUNCTIONS``.
+functions ``f(prompt, response, answer) -> float`` registered by name in ``REWARD_FUNCTIONS``; one
+marked ``on_samples = True`` is called as ``f(sample)`` and sees the token ids as well.
 """
 
 from __future__ import annotations
@@ -107,14 +108,19 @@ class CombinedReward:
                    pad_id=pad_id)
 
     @torch.no_grad()
-    def __call__(self, samples: Sequence[Sample]) -> RewardBreakdown:
+    def __call__(self, samples: Sequence[Sample], *, preference_scores: torch.Tensor | None = None) -> RewardBreakdown:
+        """``preference_scores`` (N,): learned scores computed elsewhere (the RL roles' reward head on the
+        shared trunk) used in place of the preference model."""
         cfg, n = self.cfg, len(samples)
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(n)
-        if self.preference is not None or self.rules is not None:
+        if preference_scores is not None:
+            parts["preference"] = preference_scores.float().cpu()
+            total += cfg.preference_weight * parts["preference"]
+        if (self.preference is not None and preference_scores is None) or self.rules is not None:
             seqs = pack_sequences([(s.prompt_ids + s.response_ids, len(s.prompt_ids)) for s in samples],
                                   self.seq_len, self.pad_id)
-            if self.preference is not None:
+            if self.preference is not None and preference_scores is None:
                 parts["preference"] = self._score(self.preference, seqs)[:, 0]
                 total += cfg.preference_weight * parts["preference"]
             if self.rules is not None:
@@ -128,7 +134,10 @@ class CombinedReward:
             parts["format_valid"] = torch.tensor([self.format(s.prompt, s.response, s.answer) for s in samples])
             total += cfg.format_weight * parts["format_valid"]
         for name, fn in self.functions.items():
-            parts[name] = torch.tensor([float(fn(s.prompt, s.response, s.answer)) for s in samples])
+            if getattr(fn, "on_samples", False):  # sees token ids too: fn(sample) -> float
+                parts[name] = torch.tensor([float(fn(s)) for s in samples])
+            else:
+                parts[name] = torch.tensor([float(fn(s.prompt, s.response, s.answer)) for s in samples])
             total += cfg.functions[name] * parts[name]
         return RewardBreakdown(total, parts)
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .config import OptimConfig, RunConfig
-from .parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .parallel.checkpoint import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from .parallel.runtime import Runtime
 
 
@@ -58,14 +58,19 @@ LossFn = Callable[[nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on parameters with ndim >= 2 only (norm gains and biases are not decayed)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """AdamW; weight decay on parameters with ndim >= 2 only (norm gains and biases are not decayed).
+    ``optim.critic_lr``: the RL critic head's parameters (``heads.critic.*``) get their own peak rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    groups = []
+    for critic in (False, True):
+        mine = [p for n, p in named if ("heads.critic." in n and cfg.critic_lr is not None) == critic]
+        lr = cfg.critic_lr if critic else cfg.lr
+        for decay in (True, False):
+            params = [p for p in mine if (p.ndim >= 2) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -290,7 +295,9 @@ class Trainer(Generic[B]):
         """Collective: model, optimizer, RNG (DCP, atomic) and the schedule, data position and counters."""
         progress = {"stage": self.name, "tokens": self.tokens, "stream": self.stream.state_dict(),
                     "scheduler": self.scheduler.state_dict()}
-        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, progress=progress)
+        rank_state = self.stream.rank_state() if hasattr(self.stream, "rank_state") else None
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, progress=progress,
+                               rank_state=rank_state)
         self._prune()
         return path
 
@@ -316,6 +323,8 @@ class Trainer(Generic[B]):
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.scheduler.load_state_dict(progress["scheduler"])
         self.stream.load_state_dict(progress["stream"])
+        if hasattr(self.stream, "load_rank_state"):
+            self.stream.load_rank_state(load_rank_state(path))
         return True
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -354,12 +363,18 @@ class Trainer(Generic[B]):
             log.write(self.step, {"resumed_from": self.step})
         per_step = t.grad_accum_steps * rt.dims.dp
         last = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+        per_rank = getattr(self.stream, "per_rank", False)
+        after_step = getattr(self.stream, "after_step", None)
         while self.step < last:
-            global_batches = self.stream.take(per_step)
-            mine = [b.to(rt.device) for b in global_batches[rt.dp_rank :: rt.dims.dp]]
-            n_global = sum(b.num_targets for b in global_batches)
-            step_tokens = sum(b.num_tokens for b in global_batches)
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # data making counts: for RL it is the rollout (generation, scoring)
+            if per_rank:  # the stream makes this rank's share and knows the step's global totals
+                mine = [b.to(rt.device) for b in self.stream.take(t.grad_accum_steps)]
+                n_global, step_tokens = self.stream.step_totals
+            else:
+                global_batches = self.stream.take(per_step)
+                mine = [b.to(rt.device) for b in global_batches[rt.dp_rank :: rt.dims.dp]]
+                n_global = sum(b.num_targets for b in global_batches)
+                step_tokens = sum(b.num_tokens for b in global_batches)
             m = train_step(self.model, self.optimizer, self.scheduler, mine, self.objective, cfg.optim.grad_clip,
                            num_targets=n_global, loss_scale=rt.loss_scale)
             if rt.device.type == "cuda":
@@ -371,8 +386,10 @@ class Trainer(Generic[B]):
             record = {"loss": sums.pop("loss"), **{k: v / max(n_global, 1) for k, v in sums.items()},
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "targets": n_global,
                       "tokens_per_s": step_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(rt.device), 1)}
+            extra = after_step(record) if after_step is not None else {}
+            record.update(extra)
             log.advance(record["loss"])
-            if self.step % cfg.logging.log_every == 0 or self.step == last:
+            if self.step % cfg.logging.log_every == 0 or self.step == last or extra:
                 log.write(self.step, record)
             if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
                 log.write(self.step, self.evaluate())

@@ -115,16 +115,20 @@ def ppo_policy_loss(
     kl_estimator: KLEstimator = "k3",
     aggregation: Aggregation = "token_mean",
     normalizer: float | None = None,
+    weights: torch.Tensor | None = None,
     backend: Literal["auto", "torch", "triton"] = "auto",
 ) -> PolicyLossOutput:
-    """Clipped-surrogate PPO loss with optional dual clip, KL penalty and entropy bonus (see module doc)."""
+    """Clipped-surrogate PPO loss with optional dual clip, KL penalty and entropy bonus (see module doc).
+
+    ``weights`` (B, T), when given, are the w_t themselves (zero off the mask) and replace ``aggregation``:
+    a trainer normalising by totals over micro-batches and ranks passes them."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     if entropy_coef != 0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs the per-token entropy")
     est = _check_kl(kl_coef, kl_estimator, ref_logp, kl)
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    w = aggregation_weights(mask, aggregation, normalizer)
+    w = aggregation_weights(mask, aggregation, normalizer) if weights is None else weights.float()
     if backend == "auto":
         backend = "triton" if logp.is_cuda else "torch"
     if backend == "triton":
@@ -162,9 +166,11 @@ def value_loss(
     clip_eps: float | None = 0.2,
     aggregation: Aggregation = "token_mean",
     normalizer: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
-    """0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps); no clip if eps is None."""
-    w = aggregation_weights(mask, aggregation, normalizer)
+    """0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps); no clip if eps is None.
+    ``weights``: explicit per-token w_t, as in ``ppo_policy_loss``."""
+    w = aggregation_weights(mask, aggregation, normalizer) if weights is None else weights.float()
     err = (values - returns) ** 2
     if clip_eps is None:
         per_token, clipped = 0.5 * err, torch.zeros_like(mask, dtype=torch.bool)

@@ -137,20 +137,26 @@ class RoleModel(nn.Module):
         sft: Transformer,
         trunk_layers: int,
         *,
-        reward: "Transformer | None" = None,
+        reward: "Transformer | nn.Module | None" = None,
         reward_score: torch.Tensor | None = None,
         roles: Iterable[Role] = tuple(Role),
     ) -> "RoleModel":
         """Roles initialised from an SFT model: trunk and policy/reference heads copy it; the reward head
-        copies ``reward`` (a model of the same shape, e.g. the RM's decoder) and ``reward_score`` (1, D),
-        else the SFT layers and a zero score; the critic starts as a copy of the reward head."""
+        copies ``reward`` (a decoder of the same shape, or a ``ScoreModel`` whose score it takes) and
+        ``reward_score`` (1, D), else the SFT layers and a zero score; the critic starts as a copy of the
+        reward head (InstructGPT initialises the value function from the RM)."""
         with torch.device("meta"):
             model = cls(sft.config, trunk_layers, roles=roles)
         state = {}
         sft_state = sft.state_dict()
         if trunk_layers > 0:
             state.update({f"trunk.{k}": v for k, v in sft_state.items() if _in_trunk(k, trunk_layers)})
-        rm_state = (reward if reward is not None else sft).state_dict()
+        if hasattr(reward, "full_state_dict"):  # a ScoreModel: decoder names plus score.weight
+            rm_state = reward.full_state_dict()
+            if reward_score is None:
+                reward_score = rm_state["score.weight"][:1]
+        else:
+            rm_state = (reward if reward is not None else sft).state_dict()
         for role in model.roles:
             src = sft_state if role in LM_ROLES else rm_state
             for name in model.heads[role.value].state_dict():

@@ -61,8 +61,10 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     progress: dict[str, Any] | None = None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns ``directory/step_<step>``."""
+    """Collective: every rank calls it. Returns ``directory/step_<step>``. ``rank_state``: this rank's own
+    extra state (e.g. an RL rollout buffer), saved with ``torch.save`` and read back by ``load_rank_state``."""
     directory = Path(directory)
     final = directory / f"step_{step:08d}"
     tmp = directory / f"step_{step:08d}.tmp"
@@ -75,6 +77,8 @@ def save_checkpoint(
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    if rank_state is not None:
+        torch.save(rank_state, tmp / f"state_rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         meta = {"step": step, "world_size": _world(), **(progress or {})}
@@ -128,6 +132,16 @@ def load_checkpoint(
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return progress
+
+
+def load_rank_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """This rank's ``rank_state`` from a checkpoint, or None (none saved, or saved by another world size)."""
+    path = Path(path)
+    progress = json.loads((path / PROGRESS).read_text())
+    file = path / f"state_rank{_rank():05d}.pt"
+    if progress.get("world_size") != _world() or not file.exists():
+        return None
+    return torch.load(file, weights_only=False)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -101,9 +101,11 @@ def generate(
     stop_strings: list[str] | None = None,
     decode: Callable[[list[int]], str] | None = None,
     record_trunk: bool = False,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Generation:
     """Sample continuations of ``prompts`` (see the module docstring); ``decode`` turns response tokens
-    into text for ``stop_strings``."""
+    into text for ``stop_strings``. ``all_done(mine)``: whether every rank that steps in lockstep with
+    this one (FSDP gathers each layer's weights collectively) has finished; by default, this rank."""
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (e.g. tokenizer.decode)")
     weight = model.output_weight
@@ -152,7 +154,10 @@ def generate(
         for b in torch.nonzero(finished_now)[:, 0].tolist():
             reasons[b] = "stop"
         done |= finished_now
-        if bool(done.all()) or i == max_new_tokens - 1:  # the last tokens' outputs are never needed
+        finished = bool(done.all())
+        if all_done is not None:
+            finished = all_done(finished)
+        if finished or i == max_new_tokens - 1:  # the last tokens' outputs are never needed
             break
         hidden = run(token[:, None], next_pos[:, None], docs_out[-1][:, None])[:, -1]
         next_pos = next_pos + live.long()

@@ -48,10 +48,12 @@ def to_examples(tokenizer, rows: list, seq_len: int) -> list[Example]:
     return [next_token_example(*tokenize_sft_row(tokenizer, row), seq_len) for row in rows]
 
 
-def sft_stream(examples: list[Example], cfg: RunConfig, pad: int) -> BatchStream[list[list[int]], PackedBatch]:
+def sft_stream(examples: list[Example], cfg: RunConfig, pad: int,
+               micro_batch_size: int | None = None) -> BatchStream[list[list[int]], PackedBatch]:
     """Each epoch reshuffles (seeded by the epoch), packs first-fit into rows of ``data.seq_len`` and cuts
-    the rows into micro-batches of ``trainer.micro_batch_size`` (a partial last one is dropped)."""
-    seq_len, mbs = cfg.data.seq_len, cfg.trainer.micro_batch_size
+    the rows into micro-batches of ``micro_batch_size`` rows (default ``trainer.micro_batch_size``; a
+    partial last one is dropped)."""
+    seq_len, mbs = cfg.data.seq_len, micro_batch_size or cfg.trainer.micro_batch_size
 
     def plan_epoch(epoch: int) -> list[list[list[int]]]:
         order = shuffled(len(examples), cfg.trainer.seed, epoch)

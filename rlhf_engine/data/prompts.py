@@ -1,0 +1,80 @@
+"""Prompt sets for online RL: rows, and their tokens for sampling.
+
+Row formats (JSONL or Parquet):
+
+    {"prompt": P}                         P a string (plain text) or a list of chat messages
+    {"prompt": P, "answer": "42"}         a reference answer for programmatic rewards (exact_match, ...)
+    {"messages": [...]}                   a chat demonstration: the prompt is everything before the first
+                                          assistant turn, whose content becomes the answer
+
+so SFT data (and the built-in demo set) doubles as a prompt set. Chat prompts are rendered with the
+tokenizer's chat template and its generation prompt; plain text is tokenized as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .chat import Message, parse_conversation, prompt_ids
+from .preference import Prompt, parse_prompt
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt: Prompt
+    answer: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The last user message (chat) or the prompt itself: what programmatic rewards read."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return self.prompt[-1].content
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """A prompt to sample from: its tokens (chat template applied, generation prompt included), its text for
+    programmatic rewards, and an optional reference answer."""
+
+    ids: list[int]
+    text: str
+    answer: str | None = None
+
+
+def parse_prompt_row(row: Any) -> PromptRow:
+    if not isinstance(row, dict):
+        raise ValueError(f"a prompt row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row and "prompt" not in row:
+        conv = parse_conversation(row)
+        first = next((i for i, m in enumerate(conv) if m.role == "assistant"), None)
+        if first is None or first == 0:
+            raise ValueError("a 'messages' row needs a user turn followed by an assistant turn")
+        return PromptRow(conv[:first], conv[first].content)
+    unknown = set(row) - {"prompt", "answer"}
+    if "prompt" not in row or unknown:
+        raise ValueError(f"expected keys 'prompt' (and optional 'answer') or 'messages', got {sorted(row)}")
+    answer = row.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
+    return PromptRow(parse_prompt(row["prompt"]), answer)
+
+
+def prompt_item(tokenizer, row: PromptRow, max_tokens: int | None = None) -> PromptItem:
+    """Tokens to condition on; a prompt longer than ``max_tokens`` keeps its last tokens."""
+    if isinstance(row.prompt, str):
+        ids = list(tokenizer(row.prompt)["input_ids"])
+    else:
+        ids = prompt_ids(tokenizer, list(row.prompt))
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[-max_tokens:]
+    return PromptItem(ids, row.text, row.answer)
+
+
+def prompt_texts(row: PromptRow) -> list[str]:
+    texts = [row.prompt] if isinstance(row.prompt, str) else [m.content for m in row.prompt]
+    return texts + ([row.answer] if row.answer else [])
+
+
+__all__ = ["Message", "PromptItem", "PromptRow", "parse_prompt_row", "prompt_item", "prompt_texts"]

@@ -1,0 +1,195 @@
+"""Experience making: sample responses, score them, and pass each sequence once through the roles.
+
+    maker = ExperienceMaker(roles, tokenizer, reward, settings, cfg.rollout, reward_head_bias=b)
+    rollout = maker(prompts, generator)          # this rank's prompts, each sampled `group` times
+
+One rollout is: generation with the policy (trunk + policy head, one KV cache; the trunk's boundary
+states are recorded while decoding), then a single no-grad forward over the recorded trunk states that
+runs the policy (old log-probs), reference (log-probs and exact KL), critic (values) and, when the
+learned reward model shares the trunk, the reward head; then the combined reward (learned score, rules,
+length, format, programmatic functions) per sequence.
+
+Token tensors are (N, S) over prompt + response, left-padded prompts as ``generate`` returns them. The
+target at position t is the token at t + 1 when that token is a sampled response token, so every
+per-token quantity (log-probs, KL, values, advantages) sits at the position that predicts the token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Sequence
+
+import torch
+
+from ..algorithms.rl import RLSettings
+from ..config import RolloutConfig
+from ..data.packing import IGNORE_INDEX, PAD_DOCUMENT, PackedBatch
+from ..data.prompts import PromptItem
+from ..models.roles import Role, RoleModel
+from ..rewards import CombinedReward, Sample
+from .sampling import generate
+
+
+@dataclass
+class Rollout:
+    """One rank's share of a rollout; N = prompts * group sequences of S tokens."""
+
+    input_ids: torch.Tensor  # (N, S)
+    document_ids: torch.Tensor  # (N, S) 0 on real tokens, -1 on padding
+    targets: torch.Tensor  # (N, S) next response token, IGNORE_INDEX elsewhere
+    mask: torch.Tensor  # (N, S) bool, targets != IGNORE_INDEX
+    old_logp: torch.Tensor  # (N, S) policy log-probs at collection (temperature applied)
+    ref_logp: torch.Tensor  # (N, S)
+    kl: torch.Tensor  # (N, S) per-token KL estimate (the configured estimator)
+    values: torch.Tensor | None  # (N, S) critic values at collection
+    scores: torch.Tensor  # (N,) the combined reward of each sequence
+    parts: dict[str, torch.Tensor]  # reward components, (N,) each, unweighted
+    trunk_states: torch.Tensor | None  # (N, S, D) boundary states, kept for the epochs
+    prompts: list[str]
+    responses: list[str]
+    advantages: torch.Tensor | None = None  # (N, T), filled by the stream
+    returns: torch.Tensor | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    def response_lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+    def seq_kl(self) -> torch.Tensor:
+        """(N,) summed log-ratio log pi - log ref over each response (the k1 estimate of its KL)."""
+        return ((self.old_logp - self.ref_logp) * self.mask).sum(dim=1)
+
+    def state(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class ExperienceBatch:
+    """A micro-batch of a rollout's rows, plus what the loss normalises by (totals over the optimizer step)."""
+
+    input_ids: torch.Tensor
+    document_ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantages: torch.Tensor
+    old_values: torch.Tensor | None
+    returns: torch.Tensor | None
+    trunk_states: torch.Tensor | None
+    kl_coef: float
+    ptx: PackedBatch | None = None
+    totals: dict[str, float] = field(default_factory=dict)  # tokens, sequences, ptx_tokens of the whole step
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.mask.any(dim=1).sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.document_ids != PAD_DOCUMENT).sum())
+
+    def to(self, device) -> "ExperienceBatch":
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved, ptx=self.ptx.to(device) if self.ptx is not None else None)
+
+    @classmethod
+    def from_rollout(cls, r: Rollout, rows: torch.Tensor, kl_coef: float) -> "ExperienceBatch":
+        pick = lambda t: t[rows] if t is not None else None  # noqa: E731
+        return cls(pick(r.input_ids), pick(r.document_ids), pick(r.targets), pick(r.mask), pick(r.old_logp),
+                   pick(r.ref_logp), pick(r.advantages), pick(r.values), pick(r.returns), pick(r.trunk_states), kl_coef)
+
+
+def response_targets(sequences: torch.Tensor, document_ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """(N, S) targets: position t targets token t + 1 when it is a sampled response token (not padding)."""
+    targets = torch.full_like(sequences, IGNORE_INDEX)
+    nxt, live = sequences[:, 1:], document_ids[:, 1:] != PAD_DOCUMENT
+    response = torch.arange(1, sequences.shape[1], device=sequences.device) >= prompt_length  # (S - 1,)
+    targets[:, :-1] = torch.where(live & response, nxt, IGNORE_INDEX)
+    return targets
+
+
+class ExperienceMaker:
+    """Generation, scoring and the experience forward (module docstring)."""
+
+    def __init__(
+        self,
+        model: RoleModel,
+        tokenizer,
+        reward: CombinedReward,
+        settings: RLSettings,
+        rollout: RolloutConfig,
+        *,
+        pad_id: int,
+        reward_head_bias: float | None = None,
+        all_done: Callable[[bool], bool] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.reward, self.s, self.rollout = model, tokenizer, reward, settings, rollout
+        self.pad_id = pad_id
+        self.reward_head_bias = reward_head_bias  # None: no reward head (the reward is CombinedReward's)
+        self.all_done = all_done
+
+    @property
+    def roles(self) -> set[Role]:
+        roles = {Role.POLICY, Role.REFERENCE}
+        if self.s.critic:
+            roles.add(Role.CRITIC)
+        if self.reward_head_bias is not None:
+            roles.add(Role.REWARD)
+        return roles
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[PromptItem], generator: torch.Generator, *, group: int | None = None) -> Rollout:
+        model, r, s = self.model, self.rollout, self.s
+        G = s.cfg.group if group is None else group
+        items = [p for p in prompts for _ in range(G)]  # group members are consecutive
+        model.eval()
+        _unshard(model)
+        record = s.cfg.cache_trunk and _inner(model).trunk is not None
+        gen = generate(model, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
+                       stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, temperature=r.temperature,
+                       top_k=r.top_k, top_p=r.top_p, generator=generator, record_trunk=record,
+                       all_done=self.all_done)
+        _reshard(model)
+        seqs, docs = gen.sequences, gen.document_ids
+        targets = response_targets(seqs, docs, gen.prompt_length)
+        out = model(seqs, document_ids=docs, targets=targets, trunk_states=gen.trunk_states, roles=self.roles,
+                    temperature=s.temperature)
+        mask = targets.ne(IGNORE_INDEX)
+        logp, ref_logp = out.logp.float() * mask, out.ref_logp.float() * mask
+        if s.kl_estimator == "exact":
+            kl = out.kl.float() * mask
+        else:
+            from rlhf_kernels import kl_estimate
+
+            kl = kl_estimate(logp, ref_logp, s.kl_estimator) * mask
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in gen.responses]
+        samples = [Sample(p.ids, [t for t in resp if t != self.tokenizer.eos_token_id], p.text, text, p.answer)
+                   for p, resp, text in zip(items, gen.responses, texts)]
+        learned = None
+        if self.reward_head_bias is not None:  # the reward head on the shared trunk, read at the last token
+            last = (docs != PAD_DOCUMENT).long().cumsum(1).argmax(1)  # (N,) index of the last real token
+            learned = out.rewards.gather(1, last[:, None])[:, 0].cpu() + self.reward_head_bias
+        breakdown = self.reward(samples, preference_scores=learned)
+        values = out.values.float() * mask if out.values is not None else None
+        return Rollout(seqs, docs, targets, mask, logp, ref_logp, kl, values, breakdown.total.to(seqs.device),
+                       breakdown.parts, out.trunk_states if record else None, [p.text for p in items], texts)
+
+
+def _inner(model):
+    return getattr(model, "module", model)
+
+
+def _unshard(model) -> None:
+    """FSDP2 gathers a layer's weights around its forward; decoding calls trunk and head layers directly,
+    so the root's own parameters (embedding, final norms, LM heads) are gathered for the whole generation."""
+    if hasattr(model, "unshard") and hasattr(model, "reshard"):
+        model.unshard()
+
+
+def _reshard(model) -> None:
+    if hasattr(model, "unshard") and hasattr(model, "reshard"):
+        model.reshard()

@@ -1,0 +1,220 @@
+"""The trainer's stream for online RL: collect a rollout, turn it into advantages, hand out micro-batches.
+
+    stream = ExperienceStream(maker, prompts, settings, cfg, rt, ptx=ptx_stream)
+    Trainer(cfg, rt, roles, rl_objective(settings), stream, name="ppo", evaluate=...).fit()
+
+Unlike the offline stages, where every rank builds the same global stream and takes its share, each
+data-parallel rank collects its own share of every rollout (``per_rank``): rollout r draws global prompts
+[r P, (r + 1) P) from a seeded per-epoch shuffle, and rank i samples the i-th contiguous slice with a
+generator seeded by (seed, r, i). Its N sequences are split into micro-batches of
+``trainer.micro_batch_size`` rows, reshuffled for each of ``algorithm.rl.epochs`` passes; every
+``trainer.grad_accum_steps`` micro-batches make one optimizer step. Before handing out a step, the
+stream sums its tokens, sequences and pretraining tokens over the data-parallel ranks, so the objective
+normalises by the step's global totals.
+
+Per rollout: scores are clipped and whitened (optional), the KL coefficient comes from the controller
+(fixed or adaptive, updated with the rollout's KL afterwards), advantages and returns are computed by the
+algorithm, and the rollout's metrics (reward and its parts, KL, lengths, KL coefficient) are reported
+with the next step. With ``algorithm.rl.kl_stop``, a step whose approx KL(old || new) exceeds it ends
+the rollout's epochs early (the decision uses the globally reduced step metrics, so all ranks agree).
+
+Checkpoints: the position (rollout, micro-batch index, KL coefficient) goes into the progress record;
+the rollout buffer itself (tensors) is saved per rank, so a resumed run continues inside a rollout
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..algorithms.advantages import KLController, masked_whiten
+from ..algorithms.rl import RLSettings, advantages
+from ..config import RunConfig
+from ..data.packing import IGNORE_INDEX
+from ..parallel.runtime import Runtime
+from ..stages.common import shuffled
+from ..data.prompts import PromptItem
+from .experience import ExperienceBatch, ExperienceMaker, Rollout
+
+
+class ExperienceStream:
+    per_rank = True  # the trainer takes grad_accum_steps micro-batches of this rank, not a global share
+
+    def __init__(
+        self,
+        maker: ExperienceMaker,
+        prompts: Sequence[PromptItem],
+        settings: RLSettings,
+        cfg: RunConfig,
+        rt: Runtime,
+        *,
+        ptx: Any = None,  # a BatchStream of pretraining PackedBatches (every rank builds it; each takes its share)
+    ) -> None:
+        self.maker, self.prompts, self.s, self.cfg, self.rt, self.ptx = maker, list(prompts), settings, cfg, rt, ptx
+        c, t = settings.cfg, cfg.trainer
+        dp = rt.dims.dp
+        if c.prompts_per_rollout % dp:
+            raise ValueError(f"algorithm.rl.prompts_per_rollout={c.prompts_per_rollout} must be divisible by the "
+                             f"data-parallel degree {dp}")
+        local = c.prompts_per_rollout // dp * c.group
+        if local % t.micro_batch_size or (local // t.micro_batch_size) % t.grad_accum_steps:
+            raise ValueError(f"a rollout gives each rank {local} sequences (prompts_per_rollout / dp * group); it must "
+                             f"split into whole steps of grad_accum_steps={t.grad_accum_steps} x "
+                             f"micro_batch_size={t.micro_batch_size}")
+        if len(self.prompts) < c.prompts_per_rollout:
+            raise ValueError(f"{len(self.prompts)} training prompts < algorithm.rl.prompts_per_rollout={c.prompts_per_rollout}")
+        self.kl = KLController(c.kl_coef, c.target_kl, c.kl_horizon)
+        self.rollout_index = 0  # rollouts collected so far
+        self.index = 0  # next micro-batch of the current rollout's plan
+        self.buffer: Rollout | None = None
+        self.plans: list[torch.Tensor] = []
+        self.pending: dict[str, float] = {}
+        self.step_totals = (0, 0)
+
+    # ------------------------------------------------------------------------------------ rollouts
+
+    def rollout_prompts(self, r: int) -> list[PromptItem]:
+        """This rank's prompts of rollout r (module docstring)."""
+        P, n = self.s.cfg.prompts_per_rollout, len(self.prompts)
+        dp, rank = self.rt.dims.dp, self.rt.dp_rank
+        start = r * P + rank * (P // dp)
+        out = []
+        for g in range(start, start + P // dp):
+            epoch, i = divmod(g, n)
+            out.append(self.prompts[shuffled(n, self.cfg.trainer.seed, epoch)[i]])
+        return out
+
+    def _generator(self, r: int) -> torch.Generator:
+        seed = (self.cfg.trainer.seed * 1_000_003 + r) * 1009 + self.rt.dp_rank
+        return torch.Generator(device=self.rt.device).manual_seed(seed)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum a 1-D tensor over data-parallel ranks."""
+        if self.rt.mesh is None or self.rt.dims.dp == 1:
+            return x
+        keys = [str(i) for i in range(x.numel())]
+        summed = self.rt.sum_over_dp(dict(zip(keys, x.tolist())))
+        return torch.tensor([summed[k] for k in keys], dtype=x.dtype, device=x.device)
+
+    def collect(self) -> None:
+        c = self.s.cfg
+        r = self.rollout_index
+        rollout = self.maker(self.rollout_prompts(r), self._generator(r))
+        raw = rollout.scores.clone()
+        scores = raw
+        if c.reward_clip is not None:
+            scores = scores.clamp(-c.reward_clip, c.reward_clip)
+        if c.whiten_rewards:
+            scores = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), reduce=self._reduce)
+        beta = self.kl.value
+        adv, ret = advantages(self.s, scores, rollout.kl, rollout.mask, rollout.values, beta, self._reduce)
+        rollout.advantages, rollout.returns = adv, ret
+        # rollout metrics, global means over sequences
+        N = rollout.num_sequences
+        seq_kl = rollout.seq_kl()
+        lengths = rollout.response_lengths().float()
+        sums = {"reward": raw.sum(), "kl": seq_kl.sum(), "response_length": lengths.sum(),
+                "kl_estimate": (rollout.kl.sum(dim=1)).sum(),
+                **{f"reward_{k}": v.float().sum() for k, v in rollout.parts.items()}}
+        keys = sorted(sums)
+        totals = self._reduce(torch.stack([torch.tensor(float(N))] + [sums[k].float().cpu() for k in keys]).double())
+        n_global = float(totals[0])
+        means = {k: float(v) / max(n_global, 1.0) for k, v in zip(keys, totals[1:].tolist())}
+        self.kl.update(means["kl"], int(n_global))
+        self.pending = {**{f"rollout/{k}": v for k, v in means.items()}, "rollout/kl_coef": beta,
+                        "rollout/index": float(r)}
+        self.buffer = rollout
+        self.plans = self._plan(r, N)
+        self.index = 0
+        self.rollout_index = r + 1
+
+    def _plan(self, r: int, n: int) -> list[torch.Tensor]:
+        """Micro-batch row indices for every epoch over the rollout's n sequences."""
+        mbs = self.cfg.trainer.micro_batch_size
+        plans = []
+        for epoch in range(self.s.cfg.epochs):
+            g = torch.Generator().manual_seed((self.cfg.trainer.seed * 7919 + r) * 31 + epoch)
+            order = torch.randperm(n, generator=g)
+            plans += [order[i : i + mbs] for i in range(0, n, mbs)]
+        return plans
+
+    # ------------------------------------------------------------------------------------ the trainer's side
+
+    def take(self, n: int) -> list[ExperienceBatch]:
+        """This rank's next ``n`` micro-batches (one optimizer step), with the step's global totals attached."""
+        if self.buffer is None or self.index >= len(self.plans):
+            self.collect()
+        out = [ExperienceBatch.from_rollout(self.buffer, self.plans[self.index + i], self.kl.value) for i in range(n)]
+        self.index += n
+        if self.ptx is not None:
+            dp, rank = self.rt.dims.dp, self.rt.dp_rank
+            share = self.ptx.take(n * dp)[rank::dp]
+            for b, p in zip(out, share):
+                b.ptx = p
+        local = torch.tensor([
+            float(sum(int(b.mask.sum()) for b in out)),
+            float(sum(b.num_targets for b in out)),
+            float(sum(int(b.ptx.labels.ne(IGNORE_INDEX).sum()) for b in out if b.ptx is not None)),
+            float(sum(b.num_tokens for b in out)),
+        ], dtype=torch.float64)
+        tokens, sequences, ptx_tokens, all_tokens = self._reduce(local).tolist()
+        totals = {"tokens": tokens, "sequences": sequences, "ptx_tokens": ptx_tokens}
+        for b in out:
+            b.totals = totals
+        self.step_totals = (int(sequences), int(all_tokens))
+        return out
+
+    def after_step(self, record: dict[str, float]) -> dict[str, float]:
+        """Called by the trainer with the step's global metrics; returns the rollout metrics to log once."""
+        stop = self.s.cfg.kl_stop
+        if stop is not None and record.get("approx_kl", 0.0) > stop and self.index < len(self.plans):
+            self.pending["rollout/kl_stopped_at"] = float(self.index)
+            self.index = len(self.plans)  # the rest of this rollout's epochs is skipped
+        out, self.pending = self.pending, {}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollout": self.rollout_index, "index": self.index, "kl": self.kl.state_dict(),
+                "ptx": self.ptx.state_dict() if self.ptx is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollout_index, self.index = int(state["rollout"]), int(state["index"])
+        self.kl.load_state_dict(state["kl"])
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.load_state_dict(state["ptx"])
+        self.buffer, self.plans = None, []
+
+    def rank_state(self) -> dict[str, Any] | None:
+        """This rank's rollout buffer (tensors), saved beside the checkpoint."""
+        if self.buffer is None:
+            return None
+        return {"buffer": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.buffer.state().items()},
+                "plans": self.plans}
+
+    def load_rank_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self.index = 0  # no buffer saved: the next step collects a fresh rollout
+            self.plans = []
+            return
+        device = self.rt.device
+        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["buffer"].items()}
+        b["parts"] = {k: v for k, v in b["parts"].items()}
+        self.buffer = Rollout(**b)
+        self.plans = list(state["plans"])
+
+
+def make_all_done(rt: Runtime) -> Callable[[bool], bool] | None:
+    """Lockstep decoding across data-parallel ranks under FSDP: done when every rank is done."""
+    if rt.mesh is None or rt.dims.dp == 1:
+        return None
+
+    def all_done(mine: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if mine else 1.0], device=rt.device)
+        dist.all_reduce(flag)
+        return float(flag) == 0.0
+
+    return all_done
