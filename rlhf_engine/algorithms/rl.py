@@ -199,7 +199,7 @@ def rl_objective(s: RLSettings):
             valid = p.labels.ne(-100)
             ptx = -(logp * valid).sum() / max(b.totals["ptx_tokens"], 1.0)
             loss = loss + c.ptx_coef * ptx
-            stats["ptx_loss"] = float(ptx) * num_targets
+            stats["ptx_loss"] = float(ptx.detach()) * num_targets
         return loss, stats
 
     return loss_fn

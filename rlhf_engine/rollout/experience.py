@@ -167,7 +167,7 @@ class ExperienceMaker:
 
             kl = kl_estimate(logp, ref_logp, s.kl_estimator) * mask
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in gen.responses]
-        samples = [Sample(p.ids, [t for t in resp if t != self.tokenizer.eos_token_id], p.text, text, p.answer)
+        samples = [Sample(p.ids, list(resp), p.text, text, p.answer)  # the stop token included, as the RM was trained
                    for p, resp, text in zip(items, gen.responses, texts)]
         learned = None
         if self.reward_head_bias is not None:  # the reward head on the shared trunk, read at the last token

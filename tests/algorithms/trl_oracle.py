@@ -59,3 +59,35 @@ def trl_dpo_loss(chosen_token_logps, rejected_token_logps, ref_chosen, ref_rejec
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
     )
     return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+
+
+def trl_grpo_loss(per_token_logps, old_logps, ref_logps, advantages, completion_mask, *, beta, loss_type,
+                  epsilon=0.2, max_completion_length=None):
+    """TRL's GRPO loss (``GRPOTrainer._compute_loss``) on given per-token log-probs over completions:
+    (B, T) tensors, ``per_token_logps`` differentiable, ``advantages`` (B,). The textbook k3 KL
+    (``use_bias_correction_kl=False``), one process, no gradient accumulation."""
+    from trl import GRPOTrainer
+
+    B, T = per_token_logps.shape
+    args = SimpleNamespace(use_bias_correction_kl=False, delta=None)
+    fake = SimpleNamespace(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        args=args, loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon, use_vllm=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False,
+        aux_loss_enabled=False, accelerator=_Reduce(), _metrics=defaultdict(lambda: defaultdict(list)),
+        max_completion_length=max_completion_length or T,
+        _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, torch.zeros_like(per_token_logps), None),
+    )
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": completion_mask.long(),
+              "advantages": advantages, "old_per_token_logps": old_logps, "ref_per_token_logps": ref_logps,
+              "num_items_in_batch": completion_mask.sum()}
+    return GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+class _Reduce(_OneProcess):
+    num_processes = 1
+    sync_gradients = True
+
+    def reduce(self, x, reduction="sum"):
+        return x
