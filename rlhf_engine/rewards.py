@@ -47,6 +47,19 @@ def contains_answer(prompt: str, response: str, answer: str | None) -> float:
     return float(answer is not None and _normalize(answer) in _normalize(response))
 
 
+@REWARD_FUNCTIONS.register("answer_f1")
+def answer_f1(prompt: str, response: str, answer: str | None) -> float:
+    """Word-overlap F1 between response and reference answer (SQuAD's partial credit), in [0, 1]."""
+    if answer is None:
+        return 0.0
+    got, want = _normalize(response).split(), _normalize(answer).split()
+    common = sum(min(got.count(w), want.count(w)) for w in set(got))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
 @REWARD_FUNCTIONS.register("json_object")
 def json_object(prompt: str, response: str, answer: str | None) -> float:
     """1 when the response is a JSON object."""
