@@ -118,15 +118,32 @@ def train_step(
         loss_total += loss.item()
         for k, v in stats.items():
             stats_total[k] = stats_total.get(k, 0.0) + v
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # DTensor under TP/FSDP
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
     return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, **stats_total}
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """Global gradient 2-norm, then scale gradients to at most ``max_norm``. Parameters may mix DTensors
+    (sharded by TP/FSDP: their norm is reduced over the mesh) and plain tensors (replicated, e.g. norm
+    gains under TP without sequence parallelism: the same on every rank), which torch's clip refuses."""
+    groups: dict[bool, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(hasattr(p.grad, "full_tensor"), []).append(p.grad)
+    squares = 0.0
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        squares += float(norm) ** 2
+    total = math.sqrt(squares)
+    if max_norm is not None and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- data order

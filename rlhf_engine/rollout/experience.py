@@ -187,6 +187,8 @@ def _unshard(model) -> None:
     """FSDP2 gathers a layer's weights around its forward; decoding calls trunk and head layers directly,
     so the root's own parameters (embedding, final norms, LM heads) are gathered for the whole generation."""
     if hasattr(model, "unshard") and hasattr(model, "reshard"):
+        state = model._get_fsdp_state()
+        state._lazy_init()  # as the root: otherwise the first layer decoding calls would initialise as one
         model.unshard()
 
 

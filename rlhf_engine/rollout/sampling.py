@@ -82,7 +82,12 @@ class Generation:
 def _local_kv_heads(model) -> int:
     layer = next(m for m in model.modules() if isinstance(m, DecoderLayer))
     weight = layer.self_attn.k_proj.weight
-    rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+    rows = weight.shape[0]  # global rows for a DTensor; only tensor parallelism splits heads across ranks
+    if hasattr(weight, "placements"):
+        names = weight.device_mesh.mesh_dim_names or ()
+        for i, placement in enumerate(weight.placements):
+            if placement.is_shard(0) and i < len(names) and names[i] == "tp":
+                rows //= weight.device_mesh.size(i)
     return rows // model.config.head_dim
 
 

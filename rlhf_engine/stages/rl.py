@@ -37,6 +37,7 @@ from ..models.hf import save_hf_model
 from ..models.roles import Role, RoleModel
 from ..models.score import ScoreModel, load_score_model
 from ..parallel.checkpoint import gather_model
+from ..parallel.dims import LayoutError
 from ..parallel.runtime import Runtime, init_runtime
 from ..rewards import CombinedReward
 from ..rollout.experience import ExperienceMaker
@@ -119,6 +120,9 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     name = cfg.algorithm.name
     if name not in RL_NAMES:
         raise ValueError(f"algorithm.name={name!r} is not an online RL algorithm ({', '.join(RL_NAMES)})")
+    if cfg.parallel.sequence_parallel:
+        raise LayoutError("parallel.sequence_parallel: RL decodes one token per step, which cannot be split over "
+                          "the sequence; use parallel.tp without sequence parallelism")
     rt = init_runtime(cfg)
     out = open_run(cfg, rt)
     train_rows, eval_rows = load_prompt_rows(cfg)
