@@ -6,6 +6,7 @@
     rlhf-engine dpo --config configs/dpo_tiny.yaml model.hf_path=runs/sft/hf
     rlhf-engine rl --config configs/ppo_tiny.yaml model.hf_path=runs/sft/hf reward.preference_path=runs/rm/hf
     rlhf-engine train --config RECIPE        # the stage algorithm.name names (sft, rm, ..., dpo, ppo, grpo, ...)
+    rlhf-engine iterate --config configs/iterate_tiny.yaml     # collect -> RM -> RL, repeated
     rlhf-engine plan --config configs/gpt3_175b_ppo.yaml --world-size 1024 --json
 
 Every training command takes ``--config RECIPE`` plus dotted ``key=value`` overrides; a bad key or
@@ -66,6 +67,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iterate(args: argparse.Namespace) -> int:
+    from .labelers import LabelsPending
+    from .stages.iterate import run_iterated
+
+    try:
+        summary = run_iterated(load_config(args.config, args.overrides))
+    except LabelsPending as exc:
+        print(f"waiting for labels: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .parallel.plan import format_plan, plan
 
@@ -100,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=20")
         stage.set_defaults(func=_train)
+
+    iterate = sub.add_parser("iterate", help="iterated RLHF: rounds of collect comparisons -> retrain RM -> continue RL")
+    iterate.add_argument("--config", required=True, help="YAML recipe with an iterate: section")
+    iterate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. iterate.rounds=3")
+    iterate.set_defaults(func=_iterate)
 
     plan = sub.add_parser("plan", help="dry run: per-rank memory of a layout on a fake mesh (no GPUs, no allocation)")
     plan.add_argument("--config", required=True, help="YAML recipe, e.g. configs/gpt3_175b_ppo.yaml")

@@ -269,6 +269,9 @@ class RLConfig:
     """Keep the rollout's trunk states for its epochs instead of recomputing the frozen trunk."""
     eval_prompts: int = 16
     """Held-out prompts sampled (with a fixed seed) at each evaluation for reward and KL."""
+    init_policy_path: str | None = None
+    """Continue from an earlier policy (an RL stage's ``hf`` export over the same frozen trunk): its layers
+    above the trunk and LM head start the policy head; the reference stays model.hf_path."""
 
     def __post_init__(self) -> None:
         if self.prompts_per_rollout < 1 or self.group < 1 or self.epochs < 1 or self.n_step < 1:
@@ -392,6 +395,41 @@ class TrainerConfig:
 
 
 @section
+class IterateConfig:
+    """Iterated RLHF (``rlhf-engine iterate``): rounds of collect comparisons -> retrain RM -> continue RL."""
+
+    rounds: int = 2
+    """Collect / retrain / RL rounds."""
+    prompts_per_round: int = 32
+    """Prompts whose responses are compared in each round."""
+    responses_per_prompt: int = 4
+    """K responses sampled from the current policy per prompt and ranked by the labeler (4..9)."""
+    labeler: Literal["programmatic", "model", "file"] = "programmatic"
+    """programmatic: registered reward functions (reward.functions weights) plus noise; model: an AI
+    labeler, a causal LM judging each response with a prompt template; file: rankings written by people."""
+    label_noise: float = 0.0
+    """programmatic: std of Gaussian noise added to each score before ranking (simulated disagreement)."""
+    labeler_model_path: str | None = None
+    """model: HF causal LM checkpoint of the AI labeler."""
+    labeler_template: str = "Question: {prompt}\nAnswer: {response}\nIs this answer good? Answer Yes or No:"
+    """model: the judging prompt; score = log p(' Yes') - log p(' No') after it."""
+    rm_steps: int = 40
+    """RM optimizer steps per round (retrained from model.hf_path on all comparisons so far)."""
+    rl_steps: int = 20
+    """RL optimizer steps per round (continuing from the previous round's policy)."""
+    rl_algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp", "a2c"] = "ppo"
+    """The RL algorithm of each round."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.prompts_per_round < 2 or self.rm_steps < 1 or self.rl_steps < 1:
+            raise ValueError("need rounds >= 1, prompts_per_round >= 2, rm_steps >= 1 and rl_steps >= 1")
+        if not 2 <= self.responses_per_prompt <= 9:
+            raise ValueError("responses_per_prompt must be in [2, 9]")
+        if self.labeler == "model" and self.labeler_model_path is None:
+            raise ValueError("labeler 'model' needs labeler_model_path")
+
+
+@section
 class LoggingConfig:
     """Where metrics go."""
 
@@ -416,6 +454,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    iterate: IterateConfig = dataclasses.field(default_factory=IterateConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 

@@ -150,7 +150,7 @@ class RoleModel(nn.Module):
         state = {}
         sft_state = sft.state_dict()
         if trunk_layers > 0:
-            state.update({f"trunk.{k}": v for k, v in sft_state.items() if _in_trunk(k, trunk_layers)})
+            state.update({f"trunk.{k}": v for k, v in sft_state.items() if in_trunk(k, trunk_layers)})
         if hasattr(reward, "full_state_dict"):  # a ScoreModel: decoder names plus score.weight
             rm_state = reward.full_state_dict()
             if reward_score is None:
@@ -284,7 +284,8 @@ class RoleModel(nn.Module):
         return full
 
 
-def _in_trunk(name: str, k: int) -> bool:
+def in_trunk(name: str, k: int) -> bool:
+    """Whether a decoder parameter (our names) belongs to the frozen trunk of k layers."""
     if name.startswith("embed_tokens."):
         return True
     if name.startswith("layers."):

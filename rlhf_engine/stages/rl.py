@@ -33,8 +33,8 @@ from ..data.builtin import demo_conversations
 from ..data.chat import parse_sft_row
 from ..data.prompts import PromptItem, parse_prompt_row, prompt_item, prompt_texts
 from ..data.reader import DataError, read_rows
-from ..models.hf import save_hf_model
-from ..models.roles import Role, RoleModel
+from ..models.hf import load_hf_model, save_hf_model
+from ..models.roles import Role, RoleModel, in_trunk
 from ..models.score import ScoreModel, load_score_model
 from ..parallel.checkpoint import gather_model
 from ..parallel.dims import LayoutError
@@ -61,13 +61,32 @@ def load_prompt_rows(cfg: RunConfig) -> tuple[list, list]:
     return split_rows(train, d.eval_fraction, cfg.trainer.seed)
 
 
+def same_trunk(state: dict[str, torch.Tensor], sft, k: int) -> bool:
+    """Whether a decoder state (our names) holds exactly the SFT model's frozen trunk (embedding, layers < k)."""
+    sft_state = sft.state_dict()
+    names = [n for n in sft_state if in_trunk(n, k)]
+    return all(n in state and state[n].shape == sft_state[n].shape and torch.equal(state[n].float(), sft_state[n].float())
+               for n in names)
+
+
 def shares_trunk(rm: ScoreModel, sft, k: int) -> bool:
     """Whether the reward model's frozen trunk is exactly the policy's (same cut, same weights)."""
     untied = lambda c: {**c.__dict__, "tie_word_embeddings": False}  # noqa: E731
     if k == 0 or rm.trunk_layers != k or untied(rm.config) != untied(sft.config):
         return False
-    sft_state = sft.state_dict()
-    return all(torch.equal(v.float(), sft_state[name].float()) for name, v in rm.trunk.state_dict().items())
+    return same_trunk(rm.full_state_dict(), sft, k)
+
+
+def continue_policy(model: RoleModel, sft, path: str) -> None:
+    """Load an earlier policy export's layers above the trunk and LM head into the policy head."""
+    prev = load_hf_model(path)
+    k = model.trunk_layers
+    if k and not same_trunk(prev.state_dict(), sft, k):
+        raise ValueError(f"algorithm.rl.init_policy_path={path}: its lower {k} layers differ from model.hf_path's "
+                         "frozen trunk; continue only from a policy trained on this trunk")
+    src, head = prev.state_dict(), model.head(Role.POLICY)
+    state = {n: (prev.output_weight if n == "lm_head.weight" else src[n]).detach().clone() for n in head.state_dict()}
+    head.load_state_dict(state)
 
 
 def build_roles(cfg: RunConfig, sft, settings: RLSettings, device) -> tuple[RoleModel, CombinedReward, float | None]:
@@ -77,6 +96,8 @@ def build_roles(cfg: RunConfig, sft, settings: RLSettings, device) -> tuple[Role
     shared = rm is not None and shares_trunk(rm, sft, k)
     roles = [Role.POLICY, Role.REFERENCE] + ([Role.CRITIC] if settings.critic else []) + ([Role.REWARD] if shared else [])
     model = RoleModel.from_sft(sft, k, reward=rm, roles=roles)
+    if cfg.algorithm.rl.init_policy_path is not None:
+        continue_policy(model, sft, cfg.algorithm.rl.init_policy_path)
     rules = load_score_model(r.rules_path).to(device) if r.rules_path is not None else None
     separate = rm.to(device) if rm is not None and not shared else None
     reward = CombinedReward(r, preference=separate, rules=rules, seq_len=cfg.data.seq_len, pad_id=0)
