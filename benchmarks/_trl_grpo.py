@@ -230,8 +230,9 @@ def trl_grpo_steps(model_dir: str, prompts: list[str], *, group: int, max_new_to
     }
 
 
-def build_tiny_model(dir: str, seed: int) -> dict:
-    """Write a tiny random LlamaForCausalLM (hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads,
+def build_tiny_model(dir: str, seed: int, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+                     heads: int = 4, kv_heads: int = 2) -> dict:
+    """Write a tiny random LlamaForCausalLM (default hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads,
     untied embeddings) and a byte-level BPE tokenizer trained offline on synthetic words (pad/bos/eos special
     tokens, a simple chat template, no BOS added by the tokenizer) to ``dir``. Returns the special-token ids
     and vocab size."""
@@ -264,11 +265,11 @@ def build_tiny_model(dir: str, seed: int) -> dict:
 
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id,

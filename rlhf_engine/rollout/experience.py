@@ -38,7 +38,8 @@ class Rollout:
     document_ids: torch.Tensor  # (N, S) 0 on real tokens, -1 on padding
     targets: torch.Tensor  # (N, S) next response token, IGNORE_INDEX elsewhere
     mask: torch.Tensor  # (N, S) bool, targets != IGNORE_INDEX
-    old_logp: torch.Tensor  # (N, S) policy log-probs at collection (temperature applied)
+    old_logp: torch.Tensor  # (N, S) policy log-probs at collection (temperature applied); sampling log-probs when on-policy
+    on_policy: bool  # one optimizer step per rollout: the loss takes the current log-probs as the old ones
     ref_logp: torch.Tensor  # (N, S)
     kl: torch.Tensor  # (N, S) per-token KL estimate (the configured estimator)
     values: torch.Tensor | None  # (N, S) critic values at collection
@@ -80,6 +81,7 @@ class ExperienceBatch:
     returns: torch.Tensor | None
     trunk_states: torch.Tensor | None
     kl_coef: float
+    on_policy: bool = False
     ptx: PackedBatch | None = None
     totals: dict[str, float] = field(default_factory=dict)  # tokens, sequences, ptx_tokens of the whole step
 
@@ -100,7 +102,8 @@ class ExperienceBatch:
     def from_rollout(cls, r: Rollout, rows: torch.Tensor, kl_coef: float) -> "ExperienceBatch":
         pick = lambda t: t[rows] if t is not None else None  # noqa: E731
         return cls(pick(r.input_ids), pick(r.document_ids), pick(r.targets), pick(r.mask), pick(r.old_logp),
-                   pick(r.ref_logp), pick(r.advantages), pick(r.values), pick(r.returns), pick(r.trunk_states), kl_coef)
+                   pick(r.ref_logp), pick(r.advantages), pick(r.values), pick(r.returns), pick(r.trunk_states), kl_coef,
+                   r.on_policy)
 
 
 def response_targets(sequences: torch.Tensor, document_ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
@@ -126,15 +129,20 @@ class ExperienceMaker:
         pad_id: int,
         reward_head_bias: float | None = None,
         all_done: Callable[[bool], bool] | None = None,
+        on_policy: bool = False,
     ) -> None:
+        """``on_policy``: each rollout feeds exactly one optimizer step and the KL sits in the loss, so the
+        experience pass skips the policy head: the loss's old log-probs are its own (detached) log-probs,
+        which gives the same ratio (1) and gradient; the rollout's KL metrics use the sampling log-probs."""
         self.model, self.tokenizer, self.reward, self.s, self.rollout = model, tokenizer, reward, settings, rollout
         self.pad_id = pad_id
         self.reward_head_bias = reward_head_bias  # None: no reward head (the reward is CombinedReward's)
         self.all_done = all_done
+        self.on_policy = on_policy and settings.kl_in == "loss" and not settings.critic
 
     @property
     def roles(self) -> set[Role]:
-        roles = {Role.POLICY, Role.REFERENCE}
+        roles = {Role.REFERENCE} if self.on_policy else {Role.POLICY, Role.REFERENCE}
         if self.s.critic:
             roles.add(Role.CRITIC)
         if self.reward_head_bias is not None:
@@ -159,13 +167,14 @@ class ExperienceMaker:
         out = model(seqs, document_ids=docs, targets=targets, trunk_states=gen.trunk_states, roles=self.roles,
                     temperature=s.temperature)
         mask = targets.ne(IGNORE_INDEX)
-        logp, ref_logp = out.logp.float() * mask, out.ref_logp.float() * mask
-        if s.kl_estimator == "exact":
+        logp = sampled_logprobs(gen, targets.shape) if self.on_policy else out.logp.float()
+        logp, ref_logp = logp.to(mask.device) * mask, out.ref_logp.float() * mask
+        if s.kl_estimator == "exact" and not self.on_policy:
             kl = out.kl.float() * mask
         else:
             from rlhf_kernels import kl_estimate
 
-            kl = kl_estimate(logp, ref_logp, s.kl_estimator) * mask
+            kl = kl_estimate(logp, ref_logp, "k3" if s.kl_estimator == "exact" else s.kl_estimator) * mask
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in gen.responses]
         samples = [Sample(p.ids, list(resp), p.text, text, p.answer)  # the stop token included, as the RM was trained
                    for p, resp, text in zip(items, gen.responses, texts)]
@@ -175,8 +184,16 @@ class ExperienceMaker:
             learned = out.rewards.gather(1, last[:, None])[:, 0].cpu() + self.reward_head_bias
         breakdown = self.reward(samples, preference_scores=learned)
         values = out.values.float() * mask if out.values is not None else None
-        return Rollout(seqs, docs, targets, mask, logp, ref_logp, kl, values, breakdown.total.to(seqs.device),
+        return Rollout(seqs, docs, targets, mask, logp, self.on_policy, ref_logp, kl, values, breakdown.total.to(seqs.device),
                        breakdown.parts, out.trunk_states if record else None, [p.text for p in items], texts)
+
+
+def sampled_logprobs(gen, shape) -> torch.Tensor:
+    """(N, S) the sampling log-probs of each response token, at the position that predicts it."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for b, row in enumerate(gen.logprobs):
+        out[b, gen.prompt_length - 1 : gen.prompt_length - 1 + len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 def _inner(model):

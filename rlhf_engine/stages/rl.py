@@ -117,6 +117,12 @@ def ptx_stream(cfg: RunConfig, tokenizer, pad: int):
     return sft_stream(examples, cfg, pad, micro_batch_size=c.ptx_micro_batch_size)
 
 
+def one_step_per_rollout(cfg: RunConfig, rt: Runtime) -> bool:
+    c, t = cfg.algorithm.rl, cfg.trainer
+    local = c.prompts_per_rollout // rt.dims.dp * c.group
+    return c.epochs == 1 and local == t.micro_batch_size * t.grad_accum_steps and c.kl_stop is None
+
+
 def evaluator(maker: ExperienceMaker, prompts: list[PromptItem], cfg: RunConfig, rt: Runtime):
     """Held-out reward and KL: every rank samples the same prompts once with a fixed seed."""
 
@@ -163,7 +169,7 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     prompts = [prompt_item(tokenizer, r, max_prompt) for r in train_rows]
     held_out = [prompt_item(tokenizer, r, max_prompt) for r in eval_rows[: cfg.algorithm.rl.eval_prompts]]
     maker = ExperienceMaker(model, tokenizer, reward, settings, cfg.rollout, pad_id=pad, reward_head_bias=bias,
-                            all_done=make_all_done(rt))
+                            all_done=make_all_done(rt), on_policy=one_step_per_rollout(cfg, rt))
     stream = ExperienceStream(maker, prompts, settings, cfg, rt, ptx=ptx_stream(cfg, tokenizer, pad))
     heads = ", ".join(r.value for r in model.roles)
     announce(rt, name, model, f"heads {heads}, {len(prompts)} train / {len(held_out)} held-out prompts")
