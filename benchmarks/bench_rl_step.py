@@ -12,8 +12,8 @@ defaults are listed in ``_trl_grpo.py``.
 
 Rows: ``trl`` (GRPOTrainer; policy and a separate reference model), ``rlhf_engine`` (trunk_layers = 0:
 the whole policy trains, the reference is a whole copy, as in TRL) and ``rlhf_engine_shared_trunk``
-(the lower half of the layers frozen and shared by policy and reference). Each framework runs in a
-fresh subprocess; step_s is the median over ``--steps`` timed steps after one warm-up; tokens_per_s counts
+(the lower half of the layers frozen and shared by policy and reference). Each framework runs in fresh
+subprocesses (one timed, one for memory); step_s is the median over ``--steps`` timed steps after one warm-up; tokens_per_s counts
 generated completion tokens (EOS included, padding not); peak_mem_mb is the resident-set high-water mark
 above the level before the timed steps (VmHWM reset through /proc/self/clear_refs), or the CUDA peak.
 Writes benchmarks/results/rl_step_<device>.csv.
@@ -122,6 +122,14 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def _run(name: str, cmd: list[str], env: dict) -> dict:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=8)
@@ -154,18 +162,16 @@ def main() -> None:
 
         target = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("ka")
         variants = [("trl", "trl", 0), ("rlhf_engine", "ours", 0), ("rlhf_engine_shared_trunk", "ours", args.layers // 2)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
-               "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE.parent / "kernels"), os.environ.get("PYTHONPATH", "")])}
+        path = os.pathsep.join([str(HERE.parent), str(HERE.parent / "kernels"), os.environ.get("PYTHONPATH", "")])
         for name, worker_kind, k in variants:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_kind, "--model-dir", model_dir,
                    "--target-token", str(target), "--trunk-layers", str(k), "--prompts", str(args.prompts),
-                   "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
-                   "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            r = json.loads(line[len("RESULT "):])
+                   "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+            # time with the default allocator; memory in a second run with a pinned mmap threshold, so freed
+            # temporaries are not silently reused from resident heap pages (see _bench.pin_malloc_threshold)
+            timed = _run(name, cmd + ["--steps", str(args.steps)], {**os.environ, "PYTHONPATH": path})
+            mem = _run(name, cmd + ["--steps", "2"], {**os.environ, "PYTHONPATH": path, "MALLOC_MMAP_THRESHOLD_": "65536"})
+            r = {**timed, "peak_mem_mb": mem["peak_mem_mb"]}
             rows.append({"framework": name, "algorithm": "grpo", "prompts": args.prompts, "group": args.group,
                          "max_new_tokens": args.max_new_tokens, "step_s": round(r["step_s"], 4),
                          "tokens_per_s": round(r["tokens_per_s"], 1), "peak_mem_mb": round(r["peak_mem_mb"], 1)})
