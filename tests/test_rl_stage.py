@@ -191,3 +191,26 @@ def test_reward_head_on_the_shared_trunk_scores_like_the_separate_reward_model(t
     a = [r["rollout/reward"] for r in _records(tmp_path / "shared", "ppo") if "rollout/reward" in r]
     b = [r["rollout/reward"] for r in _records(tmp_path / "separate", "ppo") if "rollout/reward" in r]
     assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_prompt_rows_parse_and_bad_rows_name_file_and_line(tmp_path):
+    from rlhf_engine.data.prompts import parse_prompt_row
+    from rlhf_engine.data.reader import DataError, read_rows
+
+    chat = parse_prompt_row({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]})
+    assert chat.text == "Hi?" and chat.answer == "Hello." and chat.prompt[-1].role == "user"
+    plain = parse_prompt_row({"prompt": "2 + 2 =", "answer": "4"})
+    assert (plain.prompt, plain.answer) == ("2 + 2 =", "4")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": "fine", "answr": "x"}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2.*answr"):
+        read_rows(path, parse_prompt_row)
+
+
+def test_rl_refuses_sequence_parallel_and_a_missing_reward(tmp_path):
+    from rlhf_engine.parallel.dims import LayoutError
+
+    with pytest.raises(LayoutError, match="sequence"):
+        run_rl(_config(tmp_path, "ppo", "parallel.sequence_parallel=true"))
+    with pytest.raises(Exception, match="RL needs a reward"):
+        run_rl(_config(tmp_path, "grpo", "reward.functions={}"))

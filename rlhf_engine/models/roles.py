@@ -229,7 +229,9 @@ class RoleModel(nn.Module):
             B, S = input_ids.shape
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
         hidden = {}
-        for role in roles:
+        # A fixed order, not the set's: under TP/FSDP every rank must issue the heads' collectives in the
+        # same sequence, and a set of enums iterates in a per-process (hash-seeded) order.
+        for role in (r for r in Role if r in roles):
             with torch.enable_grad() if TRAINABLE[role] else torch.no_grad():
                 hidden[role] = self.head(role)(x, document_ids=document_ids, positions=positions)  # (B, S, D)
         if targets is not None and (Role.POLICY in roles or Role.REFERENCE in roles):

@@ -7,7 +7,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -38,6 +38,18 @@ def split_rows(rows: Sequence[T], fraction: float, seed: int) -> tuple[list[T], 
     if n_eval >= len(rows):
         raise ValueError(f"cannot hold out {n_eval} of {len(rows)} rows; add data or lower data.eval_fraction")
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def load_split(cfg: RunConfig, parse: Callable[[Any], T], builtin: Callable[[], list[T]]) -> tuple[list[T], list[T]]:
+    """(train, held-out) rows: ``data.train_path`` parsed row by row (or ``builtin()`` without one), and
+    ``data.eval_path`` or a seeded ``data.eval_fraction`` split of the training rows."""
+    from ..data.reader import read_rows
+
+    d = cfg.data
+    train = read_rows(d.train_path, parse) if d.train_path is not None else builtin()
+    if d.eval_path is not None:
+        return train, read_rows(d.eval_path, parse)
+    return split_rows(train, d.eval_fraction, cfg.trainer.seed)
 
 
 def shuffled(n: int, seed: int, epoch: int) -> list[int]:

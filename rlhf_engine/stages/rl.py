@@ -43,7 +43,7 @@ from ..rewards import CombinedReward
 from ..rollout.experience import ExperienceMaker
 from ..rollout.stream import ExperienceStream, make_all_done
 from ..trainer import Trainer
-from .common import announce, base_model, build_tokenizer, open_run, pad_id, split_rows, write_summary
+from .common import announce, base_model, build_tokenizer, load_split, open_run, pad_id, write_summary
 from .sft import sft_stream, to_examples
 
 RL_NAMES = tuple(RL_ALGORITHMS)
@@ -51,14 +51,8 @@ RL_NAMES = tuple(RL_ALGORITHMS)
 
 def load_prompt_rows(cfg: RunConfig) -> tuple[list, list]:
     """(train, held-out) prompt rows: files, or the built-in demo set's prompts and answers."""
-    d = cfg.data
-    if d.train_path is not None:
-        train = read_rows(d.train_path, parse_prompt_row)
-    else:
-        train = [parse_prompt_row(r) for r in demo_conversations(d.builtin_rows, seed=cfg.trainer.seed)]
-    if d.eval_path is not None:
-        return train, read_rows(d.eval_path, parse_prompt_row)
-    return split_rows(train, d.eval_fraction, cfg.trainer.seed)
+    return load_split(cfg, parse_prompt_row, lambda: [parse_prompt_row(r) for r in
+                                                       demo_conversations(cfg.data.builtin_rows, seed=cfg.trainer.seed)])
 
 
 def same_trunk(state: dict[str, torch.Tensor], sft, k: int) -> bool:

@@ -25,23 +25,16 @@ from ..config import RunConfig
 from ..data.builtin import demo_conversations
 from ..data.chat import Message, parse_conversation, parse_sft_row, prompt_ids, row_texts, tokenize_sft_row
 from ..data.packing import Example, PackedBatch, collate, next_token_example, pack
-from ..data.reader import read_rows
 from ..parallel.checkpoint import export_hf
 from ..parallel.runtime import init_runtime
 from ..rollout import generate
 from ..trainer import BatchStream, Trainer
-from .common import announce, base_model, build_tokenizer, open_run, pad_id, shuffled, split_rows, write_summary
+from .common import announce, base_model, build_tokenizer, load_split, open_run, pad_id, shuffled, write_summary
 
 def load_sft_rows(cfg: RunConfig) -> tuple[list, list]:
     """(train, eval) rows from JSONL/Parquet files or the built-in set; eval held out by a seeded split."""
-    d = cfg.data
-    if d.train_path is not None:
-        train = read_rows(d.train_path, parse_sft_row)
-    else:
-        train = [parse_conversation(r) for r in demo_conversations(d.builtin_rows, seed=cfg.trainer.seed)]
-    if d.eval_path is not None:
-        return train, read_rows(d.eval_path, parse_sft_row)
-    return split_rows(train, d.eval_fraction, cfg.trainer.seed)
+    return load_split(cfg, parse_sft_row, lambda: [parse_conversation(r) for r in
+                                                    demo_conversations(cfg.data.builtin_rows, seed=cfg.trainer.seed)])
 
 
 def to_examples(tokenizer, rows: list, seq_len: int) -> list[Example]:
