@@ -60,5 +60,8 @@ def test_programmatic_rewards_and_unknown_names():
     assert REWARD_FUNCTIONS["exact_match"]("q", " Paris. ", "paris") == 1.0
     assert REWARD_FUNCTIONS["contains_answer"]("q", "It is Paris, France", "paris") == 1.0
     assert REWARD_FUNCTIONS["json_object"]("q", "[1]", None) == 0.0
-    with pytest.raises(KeyError, match="unknown reward function 'bleu'; registered: contains_answer"):
+    # F1 over words: 2 shared of 3 each -> precision = recall = 2/3
+    assert REWARD_FUNCTIONS["answer_f1"]("q", "the cat sat", "Cat sat down.") == pytest.approx(2 / 3)
+    assert REWARD_FUNCTIONS["answer_f1"]("q", "dog", "cat") == 0.0 == REWARD_FUNCTIONS["answer_f1"]("q", "x", None)
+    with pytest.raises(KeyError, match="unknown reward function 'bleu'; registered: answer_f1, contains_answer, exact_match"):
         CombinedReward(RewardConfig(functions={"bleu": 1.0}))
