@@ -1,8 +1,7 @@
 """Online RL algorithms as data: how each turns a rollout into advantages, and the one loss they share.
 
-    spec = RL_ALGORITHMS["grpo"]
-    settings = resolve(spec, cfg.algorithm.rl, max_new_tokens)       # defaults filled in per algorithm
-    adv, ret = advantages(settings, rollout_tensors, kl_coef, reduce)  # at collection
+    settings = resolve("grpo", cfg.algorithm.rl, max_new_tokens=64)   # RL_ALGORITHMS["grpo"], defaults filled in
+    adv, ret = advantages(settings, scores, kl, mask, values, kl_coef, reduce)   # at collection, (N, T) each
     loss_fn = rl_objective(settings)                                  # the trainer's objective
 
 =============  ========  ===========  ============================================  ====================
