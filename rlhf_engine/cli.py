@@ -6,6 +6,8 @@
     rlhf-engine dpo --config configs/dpo_tiny.yaml model.hf_path=runs/sft/hf
     rlhf-engine rl --config configs/ppo_tiny.yaml model.hf_path=runs/sft/hf reward.preference_path=runs/rm/hf
     rlhf-engine train --config RECIPE        # the stage algorithm.name names (sft, rm, ..., dpo, ppo, grpo, ...)
+    rlhf-engine quickstart [--out DIR]                          # pretrain -> SFT -> RM -> PPO -> report
+    rlhf-engine pipeline --config configs/quickstart.yaml pipeline.rl_algorithm=grpo
     rlhf-engine iterate --config configs/iterate_tiny.yaml     # collect -> RM -> RL, repeated
     rlhf-engine plan --config configs/gpt3_175b_ppo.yaml --world-size 1024 --json
 
@@ -80,6 +82,23 @@ def _iterate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from .stages.pipeline import run_pipeline
+
+    if args.command == "quickstart":
+        from .stages.pipeline import quickstart_config
+
+        cfg = quickstart_config([f"trainer.out_dir={args.out}", *args.overrides])
+    else:
+        cfg = load_config(args.config, args.overrides)
+    summary = run_pipeline(cfg)
+    keys = ("rm_heldout_accuracy", "labeler_agreement", "gold_reward_sft", "gold_reward_rl", "proxy_reward_rl",
+            "kl_final", "wall_s")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(f"report: {cfg.trainer.out_dir}/report.md", file=sys.stderr)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .parallel.plan import format_plan, plan
 
@@ -114,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=20")
         stage.set_defaults(func=_train)
+
+    quick = sub.add_parser("quickstart", help="the whole pipeline on the built-in task on a CPU, with a report")
+    quick.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    quick.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pipeline.rl_steps=50")
+    quick.set_defaults(func=_pipeline)
+    pipe = sub.add_parser("pipeline", help="pretrain -> SFT -> RM -> RL (or DPO) on the built-in task, from a recipe")
+    pipe.add_argument("--config", required=True, help="YAML recipe, e.g. configs/quickstart.yaml")
+    pipe.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    pipe.set_defaults(func=_pipeline)
 
     iterate = sub.add_parser("iterate", help="iterated RLHF: rounds of collect comparisons -> retrain RM -> continue RL")
     iterate.add_argument("--config", required=True, help="YAML recipe with an iterate: section")

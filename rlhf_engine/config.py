@@ -430,6 +430,49 @@ class IterateConfig:
 
 
 @section
+class PipelineConfig:
+    """The whole InstructGPT pipeline on the built-in task (``rlhf-engine pipeline`` / ``quickstart``):
+    pretrain -> SFT -> ranking RM -> RL. Each stage uses the run's sections with its own steps and LR."""
+
+    pretrain_steps: int = 200
+    """Next-token steps on the task's plain-text corpus from scratch (skipped with model.hf_path)."""
+    pretrain_lr: float = 3.0e-3
+    """Peak LR of pretraining."""
+    sft_steps: int = 120
+    """SFT steps on the task's demonstrations."""
+    sft_lr: float = 2.0e-3
+    """Peak LR of SFT."""
+    rm_steps: int = 120
+    """Ranking-RM steps on the simulated labelers' rankings of SFT samples."""
+    rm_lr: float = 1.0e-3
+    """Peak LR of the RM."""
+    rl_steps: int = 100
+    """Steps of the RL (or DPO) stage."""
+    rl_lr: float = 5.0e-4
+    """Peak LR of the RL (or DPO) stage."""
+    rl_algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp", "a2c", "dpo"] = "ppo"
+    """Policy optimisation against the RM (online), or DPO on the rankings (offline)."""
+    ranking_prompts: int = 400
+    """Prompts whose SFT samples the labelers rank."""
+    responses_per_prompt: int = 4
+    """K responses per ranked prompt (InstructGPT: 4..9)."""
+    label_noise: float = 0.75
+    """Std of the Gaussian noise the simulated labelers add to the gold score."""
+    eval_prompts: int = 64
+    """Held-out prompts for the gold/proxy/KL evaluation of SFT and final policies."""
+    demonstrations: int = 2000
+    """SFT conversations generated for the task."""
+    pretrain_rows: int = 3000
+    """Plain-text rows of the pretraining corpus."""
+
+    def __post_init__(self) -> None:
+        if min(self.sft_steps, self.rm_steps, self.rl_steps, self.ranking_prompts, self.eval_prompts) < 1:
+            raise ValueError("pipeline steps and prompt counts must be >= 1")
+        if not 2 <= self.responses_per_prompt <= 9:
+            raise ValueError("responses_per_prompt must be in [2, 9]")
+
+
+@section
 class LoggingConfig:
     """Where metrics go."""
 
@@ -455,6 +498,7 @@ class RunConfig:
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     iterate: IterateConfig = dataclasses.field(default_factory=IterateConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 

@@ -60,6 +60,14 @@ def answer_f1(prompt: str, response: str, answer: str | None) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+@REWARD_FUNCTIONS.register("quickstart_gold")
+def quickstart_gold(prompt: str, response: str, answer: str | None) -> float:
+    """The quickstart task's hidden gold scorer (``data/task.py``); logged with weight 0 to watch over-optimisation."""
+    from .data.task import gold_score
+
+    return gold_score(prompt, response)
+
+
 @REWARD_FUNCTIONS.register("json_object")
 def json_object(prompt: str, response: str, answer: str | None) -> float:
     """1 when the response is a JSON object."""

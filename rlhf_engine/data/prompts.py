@@ -41,6 +41,21 @@ class PromptItem:
     ids: list[int]
     text: str
     answer: str | None = None
+    chat: bool = False  # rendered with the chat template (its end-of-turn suffix follows a finished response)
+
+
+def template_suffix(tokenizer) -> list[int]:
+    """Tokens the chat template puts after the EOS that ends an assistant turn (e.g. a newline after
+    ``<|im_end|>``). A reward model trained on rendered conversations reads its score there, so sampled
+    responses that stopped get them appended before scoring."""
+    from .chat import _render
+
+    ids = _render(tokenizer, [Message("user", "a"), Message("assistant", "b")], add_generation_prompt=False)
+    eos = tokenizer.eos_token_id
+    if eos is None or eos not in ids:
+        return []
+    last = len(ids) - 1 - ids[::-1].index(eos)
+    return ids[last + 1 :]
 
 
 def parse_prompt_row(row: Any) -> PromptRow:
@@ -63,13 +78,11 @@ def parse_prompt_row(row: Any) -> PromptRow:
 
 def prompt_item(tokenizer, row: PromptRow, max_tokens: int | None = None) -> PromptItem:
     """Tokens to condition on; a prompt longer than ``max_tokens`` keeps its last tokens."""
-    if isinstance(row.prompt, str):
-        ids = list(tokenizer(row.prompt)["input_ids"])
-    else:
-        ids = prompt_ids(tokenizer, list(row.prompt))
+    chat = not isinstance(row.prompt, str)
+    ids = prompt_ids(tokenizer, list(row.prompt)) if chat else list(tokenizer(row.prompt)["input_ids"])
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[-max_tokens:]
-    return PromptItem(ids, row.text, row.answer)
+    return PromptItem(ids, row.text, row.answer, chat)
 
 
 def prompt_texts(row: PromptRow) -> list[str]:
@@ -77,4 +90,4 @@ def prompt_texts(row: PromptRow) -> list[str]:
     return texts + ([row.answer] if row.answer else [])
 
 
-__all__ = ["Message", "PromptItem", "PromptRow", "parse_prompt_row", "prompt_item", "prompt_texts"]
+__all__ = ["Message", "PromptItem", "PromptRow", "parse_prompt_row", "prompt_item", "prompt_texts", "template_suffix"]

@@ -24,7 +24,7 @@ import torch
 from ..algorithms.rl import RLSettings
 from ..config import RolloutConfig
 from ..data.packing import IGNORE_INDEX, PAD_DOCUMENT, PackedBatch
-from ..data.prompts import PromptItem
+from ..data.prompts import PromptItem, template_suffix
 from ..models.roles import Role, RoleModel
 from ..rewards import CombinedReward, Sample
 from .sampling import generate
@@ -106,11 +106,16 @@ class ExperienceBatch:
                    r.on_policy)
 
 
-def response_targets(sequences: torch.Tensor, document_ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
-    """(N, S) targets: position t targets token t + 1 when it is a sampled response token (not padding)."""
+def response_targets(sequences: torch.Tensor, document_ids: torch.Tensor, prompt_length: int,
+                     lengths: list[int] | None = None) -> torch.Tensor:
+    """(N, S) targets: position t targets token t + 1 when it is a sampled response token (not padding,
+    and within the row's ``lengths`` sampled tokens when given: tokens appended after it are not targets)."""
     targets = torch.full_like(sequences, IGNORE_INDEX)
     nxt, live = sequences[:, 1:], document_ids[:, 1:] != PAD_DOCUMENT
-    response = torch.arange(1, sequences.shape[1], device=sequences.device) >= prompt_length  # (S - 1,)
+    idx = torch.arange(1, sequences.shape[1], device=sequences.device)  # (S - 1,) position of the target token
+    response = (idx >= prompt_length).expand_as(nxt)
+    if lengths is not None:
+        response = response & (idx < prompt_length + torch.tensor(lengths, device=sequences.device)[:, None])
     targets[:, :-1] = torch.where(live & response, nxt, IGNORE_INDEX)
     return targets
 
@@ -139,6 +144,7 @@ class ExperienceMaker:
         self.reward_head_bias = reward_head_bias  # None: no reward head (the reward is CombinedReward's)
         self.all_done = all_done
         self.on_policy = on_policy and settings.kl_in == "loss" and not settings.critic
+        self.suffix = template_suffix(tokenizer)
 
     @property
     def roles(self) -> set[Role]:
@@ -156,14 +162,19 @@ class ExperienceMaker:
         items = [p for p in prompts for _ in range(G)]  # group members are consecutive
         model.eval()
         _unshard(model)
-        record = s.cfg.cache_trunk and _inner(model).trunk is not None
+        suffix = self.suffix if any(p.chat for p in items) else []
+        # appended end-of-turn tokens have no recorded trunk states: then the trunk runs once more
+        record = s.cfg.cache_trunk and _inner(model).trunk is not None and not suffix
         gen = generate(model, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
                        stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, temperature=r.temperature,
                        top_k=r.top_k, top_p=r.top_p, generator=generator, record_trunk=record,
                        all_done=self.all_done)
         _reshard(model)
         seqs, docs = gen.sequences, gen.document_ids
-        targets = response_targets(seqs, docs, gen.prompt_length)
+        ends = [suffix if p.chat and why == "stop" else [] for p, why in zip(items, gen.finish_reasons)]
+        if suffix:
+            seqs, docs = append_after_responses(seqs, docs, gen, ends, self.pad_id)
+        targets = response_targets(seqs, docs, gen.prompt_length, [len(r) for r in gen.responses])
         out = model(seqs, document_ids=docs, targets=targets, trunk_states=gen.trunk_states, roles=self.roles,
                     temperature=s.temperature)
         mask = targets.ne(IGNORE_INDEX)
@@ -176,8 +187,8 @@ class ExperienceMaker:
 
             kl = kl_estimate(logp, ref_logp, "k3" if s.kl_estimator == "exact" else s.kl_estimator) * mask
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in gen.responses]
-        samples = [Sample(p.ids, list(resp), p.text, text, p.answer)  # the stop token included, as the RM was trained
-                   for p, resp, text in zip(items, gen.responses, texts)]
+        samples = [Sample(p.ids, list(resp) + end, p.text, text, p.answer)  # ends as the RM's training rows did
+                   for p, resp, end, text in zip(items, gen.responses, ends, texts)]
         learned = None
         if self.reward_head_bias is not None:  # the reward head on the shared trunk, read at the last token
             last = (docs != PAD_DOCUMENT).long().cumsum(1).argmax(1)  # (N,) index of the last real token
@@ -186,6 +197,21 @@ class ExperienceMaker:
         values = out.values.float() * mask if out.values is not None else None
         return Rollout(seqs, docs, targets, mask, logp, self.on_policy, ref_logp, kl, values, breakdown.total.to(seqs.device),
                        breakdown.parts, out.trunk_states if record else None, [p.text for p in items], texts)
+
+
+def append_after_responses(seqs, docs, gen, ends: list[list[int]], pad_id: int):
+    """(N, S + L) sequences and document ids with each row's ``ends`` tokens right after its response
+    (as real tokens of the document, never targets: ``response_targets`` stops at the response)."""
+    L = max(len(e) for e in ends)
+    N = seqs.shape[0]
+    seqs = torch.cat([seqs, seqs.new_full((N, L), pad_id)], dim=1)
+    docs = torch.cat([docs, docs.new_full((N, L), PAD_DOCUMENT)], dim=1)
+    for b, end in enumerate(ends):
+        if end:
+            at = gen.prompt_length + len(gen.responses[b])
+            seqs[b, at : at + len(end)] = torch.tensor(end, device=seqs.device)
+            docs[b, at : at + len(end)] = 0
+    return seqs, docs
 
 
 def sampled_logprobs(gen, shape) -> torch.Tensor:

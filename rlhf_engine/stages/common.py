@@ -19,6 +19,16 @@ from ..parallel.runtime import Runtime
 T = TypeVar("T")
 
 
+def derive(cfg: RunConfig, source: str = "derived", **sections: dict[str, Any]) -> RunConfig:
+    """``cfg`` with some keys replaced per section (one level of nesting merges), validated again."""
+    from ..config import to_dict, validate
+
+    tree = to_dict(cfg)
+    for name, values in sections.items():
+        tree[name] = {**(tree.get(name) or {}), **values}
+    return validate(tree, source)
+
+
 def open_run(cfg: RunConfig, rt: Runtime) -> Path:
     """Create ``trainer.out_dir`` and record the resolved config (rank 0); seed torch."""
     torch.manual_seed(cfg.trainer.seed)

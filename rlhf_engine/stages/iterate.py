@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig, to_dict, validate
+from ..config import RunConfig, to_dict
 from ..data.preference import parse_ranking, tokenize_response
 from ..data.reader import read_rows
 from ..labelers import build_labeler
@@ -36,17 +36,9 @@ from ..models import load_hf_model, load_tokenizer
 from ..models.score import load_score_model
 from ..parallel.runtime import init_runtime
 from ..rollout.sampling import generate
-from .common import pad_id, write_summary
+from .common import derive, pad_id, write_summary
 from .reward import run_reward_model
 from .rl import load_prompt_rows, run_rl
-
-
-def _derive(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
-    """``cfg`` with some keys replaced (nested dicts merge), validated again."""
-    tree = to_dict(cfg)
-    for name, values in sections.items():
-        tree[name] = {**tree[name], **values}
-    return validate(tree, "iterate")
 
 
 @torch.no_grad()
@@ -117,14 +109,14 @@ def run_iterated(cfg: RunConfig) -> dict[str, Any]:
         if rm_path is not None:
             info["rm_accuracy_on_new_samples"] = ranking_accuracy(rm_path, tokenizer, new, cfg.data.seq_len)
         all_rankings.write_text("".join((out / f"round_{i}" / "rankings.jsonl").read_text() for i in range(r + 1)))
-        rm = run_reward_model(_derive(
-            cfg, algorithm={"name": "rm"}, data={"train_path": str(all_rankings), "eval_path": None},
+        rm = run_reward_model(derive(
+            cfg, "iterate", algorithm={"name": "rm"}, data={"train_path": str(all_rankings), "eval_path": None},
             trainer={"out_dir": str(rd / "rm"), "max_steps": it.rm_steps, "save_every": 0},
             optim={"warmup_steps": 0}))
         rm_path = rm["export"]
         info["rm_heldout_accuracy"] = rm["heldout_accuracy"]
-        rl = run_rl(_derive(
-            cfg, algorithm={"name": it.rl_algorithm, "rl": {**to_dict(cfg)["algorithm"]["rl"],
+        rl = run_rl(derive(
+            cfg, "iterate", algorithm={"name": it.rl_algorithm, "rl": {**to_dict(cfg)["algorithm"]["rl"],
                                                          "init_policy_path": policy if r > 0 else None}},
             reward={"preference_path": rm_path, "functions": {}},
             trainer={"out_dir": str(rd / "rl"), "max_steps": it.rl_steps}))

@@ -1,0 +1,196 @@
+"""The whole InstructGPT pipeline on the built-in task, end to end on a CPU in minutes.
+
+    rlhf-engine quickstart [--out runs/quickstart]                  # the recipe below, built in
+    rlhf-engine pipeline --config configs/quickstart.yaml pipeline.rl_algorithm=grpo algorithm.rl.group=4
+    rlhf-engine pipeline --config configs/quickstart.yaml model.hf_path=/my/hf/model model.architecture=null
+
+Stages, each in its own directory under ``trainer.out_dir`` (metrics are also merged into the top-level
+``metrics.jsonl``; TensorBoard reads the whole directory):
+
+1. ``pretrain/``: next-token training from scratch on the task's plain-text corpus (skipped when
+   ``model.hf_path`` names a checkpoint, whose tokenizer and chat template are then used);
+2. ``sft/``: SFT on the task's demonstrations (``data/task.py``);
+3. ``data/rankings.jsonl``: K samples from the SFT policy per prompt, ranked by a simulated labeler
+   (gold score plus noise); a second, independent labeler measures inter-labeler agreement;
+4. ``rm/``: the ranking RM, from the SFT export over the same frozen trunk;
+5. ``rl/`` (PPO, GRPO, RLOO, REINFORCE++, A2C against the RM, the gold score logged with weight 0) or
+   ``dpo/`` (DPO on the same rankings);
+6. evaluation of the SFT and final policies on held-out prompts with one fixed seed: gold reward,
+   proxy (RM) reward, KL to the SFT policy; ``summary.json`` and ``report.md`` with plots.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..data.prompts import parse_prompt_row, prompt_item
+from ..data.task import build_task, gold_score, label, pair_agreement
+from ..models import load_hf_model, load_tokenizer
+from ..parallel.runtime import init_runtime
+from ..rollout.experience import ExperienceMaker
+from .common import derive, pad_id, write_summary
+from .iterate import sample_responses
+
+GOLD = "quickstart_gold"
+QUICKSTART = Path(__file__).with_name("quickstart.yaml")  # a copy of configs/quickstart.yaml, shipped in the package
+
+
+def quickstart_config(overrides: list[str] | None = None) -> RunConfig:
+    from ..config import load_config
+
+    return load_config(QUICKSTART, overrides)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def make_rankings(cfg: RunConfig, sft_path: str, prompts: list[dict], out: Path) -> dict[str, float]:
+    """Sample K responses per prompt from the SFT policy; rank them with labeler A (written) and labeler B
+    (for agreement). Returns inter-labeler and labeler-gold pairwise agreement."""
+    p = cfg.pipeline
+    rows = [parse_prompt_row(r) for r in prompts]
+    responses = sample_responses(sft_path, rows, cfg, p.responses_per_prompt, cfg.trainer.seed * 7 + 1)
+    rng_a, rng_b = random.Random(cfg.trainer.seed * 101 + 1), random.Random(cfg.trainer.seed * 101 + 2)
+    ranked, inter, gold_agree = [], [0, 0], [0, 0]
+    for row, prompt, ys in zip(rows, prompts, responses):
+        gold = [gold_score(row.text, y) for y in ys]
+        a, b = label(gold, p.label_noise, rng_a), label(gold, p.label_noise, rng_b)
+        truth = [sorted(set(gold), reverse=True).index(g) + 1 for g in gold]
+        for acc, other in ((inter, b), (gold_agree, truth)):
+            agree, total = pair_agreement(a, other)
+            acc[0], acc[1] = acc[0] + agree, acc[1] + total
+        ranked.append({"prompt": prompt["prompt"], "responses": ys, "ranking": a})
+    _write_jsonl(out / "data" / "rankings.jsonl", ranked)
+    return {"labeler_agreement": inter[0] / max(inter[1], 1), "labeler_gold_agreement": gold_agree[0] / max(gold_agree[1], 1),
+            "ranked_prompts": len(ranked)}
+
+
+@torch.no_grad()
+def evaluate_policy(cfg: RunConfig, sft_path: str, rm_path: str, policy_path: str | None, prompts: list[dict],
+                    device) -> dict[str, Any]:
+    """Gold reward, proxy (RM) reward and KL to the SFT policy of a policy's samples on ``prompts``
+    (one fixed seed): the roles of the RL stage with the policy head loaded from ``policy_path``."""
+    from ..algorithms.rl import resolve
+    from .rl import build_roles
+
+    ecfg = derive(cfg, "evaluation", model={"hf_path": sft_path, "architecture": None},
+                  algorithm={"name": "reinforce_pp", "rl": {"init_policy_path": policy_path}},
+                  reward={"preference_path": rm_path, "functions": {GOLD: 0.0}})
+    tok = load_tokenizer(sft_path)
+    sft = load_hf_model(sft_path)
+    settings = resolve("reinforce_pp", ecfg.algorithm.rl, max_new_tokens=cfg.rollout.max_new_tokens,
+                       temperature=cfg.rollout.temperature)
+    model, reward, bias = build_roles(ecfg, sft, settings, device)
+    reward.pad_id = pad_id(tok)
+    model = model.to(device)
+    maker = ExperienceMaker(model, tok, reward, settings, cfg.rollout, pad_id=pad_id(tok), reward_head_bias=bias)
+    items = [prompt_item(tok, parse_prompt_row(r), cfg.data.seq_len - cfg.rollout.max_new_tokens) for r in prompts]
+    r = maker(items, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 999), group=1)
+    return {"gold": float(r.parts[GOLD].mean()), "proxy": float(r.parts["preference"].mean()),
+            "kl": float(r.seq_kl().mean()), "length": float(r.response_lengths().float().mean()),
+            "samples": [{"prompt": p, "response": y, "gold": float(g), "proxy": round(float(s), 3)}
+                        for p, y, g, s in zip(r.prompts, r.responses, r.parts[GOLD], r.parts["preference"])]}
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+    from .dpo import run_dpo
+    from .reward import run_reward_model
+    from .rl import run_rl
+    from .sft import run_sft
+
+    start = time.perf_counter()
+    p, out = cfg.pipeline, Path(cfg.trainer.out_dir)
+    rt = init_runtime(cfg)
+    if rt.world_size > 1:
+        raise ValueError("the pipeline runs its stages in one process; launch each stage under torchrun instead")
+    task = build_task(cfg.trainer.seed, pretrain_rows=p.pretrain_rows, demonstrations=p.demonstrations,
+                      prompts=p.ranking_prompts + 200, eval_prompts=p.eval_prompts)
+    data = out / "data"
+    files = {name: _write_jsonl(data / f"{name}.jsonl", rows) for name, rows in
+             (("pretrain", task.pretrain), ("sft", task.demonstrations), ("rank_prompts", task.prompts[: p.ranking_prompts]),
+              ("rl_prompts", task.prompts[p.ranking_prompts :]), ("eval_prompts", task.eval_prompts))}
+    stage = lambda name, **kw: derive(cfg, name, **kw)  # noqa: E731
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, c):
+        t = time.perf_counter()
+        result = fn(c)
+        timings[name] = round(time.perf_counter() - t, 1)
+        return result
+
+    # 1-2: pretraining (from scratch only) and SFT
+    if cfg.model.hf_path is None:
+        timed("pretrain", run_sft, stage("pretrain", algorithm={"name": "sft"},
+              data={"train_path": str(files["pretrain"]), "eval_path": None, "eval_fraction": 0.02},
+              optim={"lr": p.pretrain_lr}, trainer={"out_dir": str(out / "pretrain"), "max_steps": p.pretrain_steps}))
+        base = str(out / "pretrain" / "hf")
+    else:
+        base = cfg.model.hf_path
+    from_base = {"hf_path": base, "architecture": None, "tokenizer_path": None}
+    timed("sft", run_sft, stage("sft", model=from_base, algorithm={"name": "sft"},
+          data={"train_path": str(files["sft"]), "eval_path": None, "eval_fraction": 0.05},
+          optim={"lr": p.sft_lr}, trainer={"out_dir": str(out / "sft"), "max_steps": p.sft_steps}))
+    sft_path = str(out / "sft" / "hf")
+    from_sft = {"hf_path": sft_path, "architecture": None, "tokenizer_path": None}
+
+    # 3-4: rankings of SFT samples by simulated labelers, the ranking RM
+    t = time.perf_counter()
+    labels = make_rankings(cfg, sft_path, task.prompts[: p.ranking_prompts], out)
+    timings["rankings"] = round(time.perf_counter() - t, 1)
+    rm = timed("rm", run_reward_model, stage("rm", model=from_sft, algorithm={"name": "rm"},
+               data={"train_path": str(data / "rankings.jsonl"), "eval_path": None, "eval_fraction": 0.1},
+               optim={"lr": p.rm_lr}, trainer={"out_dir": str(out / "rm"), "max_steps": p.rm_steps}))
+    rm_path = rm["export"]
+
+    # 5: policy optimisation against the RM (or DPO on the rankings)
+    if p.rl_algorithm == "dpo":
+        final = timed("dpo", run_dpo, stage("dpo", model=from_sft, algorithm={"name": "dpo"},
+                      data={"train_path": str(data / "rankings.jsonl"), "eval_path": None, "eval_fraction": 0.1},
+                      optim={"lr": p.rl_lr}, trainer={"out_dir": str(out / "dpo"), "max_steps": p.rl_steps}))
+    else:
+        final = timed("rl", run_rl, stage("rl", model=from_sft, algorithm={"name": p.rl_algorithm},
+                      data={"train_path": str(files["rl_prompts"]), "eval_path": str(files["eval_prompts"])},
+                      reward={"preference_path": rm_path, "functions": {GOLD: 0.0}},
+                      optim={"lr": p.rl_lr}, trainer={"out_dir": str(out / "rl"), "max_steps": p.rl_steps}))
+    policy_path = final["export"]
+
+    # 6: evaluation, summary, report
+    t = time.perf_counter()
+    before = evaluate_policy(cfg, sft_path, rm_path, None, task.eval_prompts, rt.device)
+    after = evaluate_policy(cfg, sft_path, rm_path, policy_path, task.eval_prompts, rt.device)
+    timings["evaluation"] = round(time.perf_counter() - t, 1)
+    summary = {
+        "rl_algorithm": p.rl_algorithm, "seed": cfg.trainer.seed,
+        "rm_heldout_accuracy": rm["heldout_accuracy"], **labels,
+        "gold_reward_sft": before["gold"], "gold_reward_rl": after["gold"],
+        "proxy_reward_sft": before["proxy"], "proxy_reward_rl": after["proxy"],
+        "kl_final": after["kl"], "response_length_sft": before["length"], "response_length_rl": after["length"],
+        "final_policy": policy_path, "stage_seconds": timings, "wall_s": round(time.perf_counter() - start, 1),
+    }
+    merge_metrics(out, [s for s in ("pretrain", "sft", "rm", "rl", "dpo") if (out / s / "metrics.jsonl").exists()])
+    from ..report import write_report
+
+    write_report(out, summary, before["samples"][:6], after["samples"][:6])
+    write_summary(rt, out, summary)
+    return summary
+
+
+def merge_metrics(out: Path, stages: list[str]) -> None:
+    """Every stage's records (each tagged with its stage) in one top-level ``metrics.jsonl``."""
+    lines = [json.dumps({"pipeline_stage": s, **json.loads(line)}) for s in stages
+             for line in (out / s / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tmp = out / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(out / "metrics.jsonl")
