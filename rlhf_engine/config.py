@@ -460,6 +460,8 @@ class PipelineConfig:
     """Std of the Gaussian noise the simulated labelers add to the gold score."""
     eval_prompts: int = 64
     """Held-out prompts for the gold/proxy/KL evaluation of SFT and final policies."""
+    eval_samples: int = 4
+    """Responses sampled per held-out prompt in that evaluation (more samples, less sampling noise)."""
     demonstrations: int = 2000
     """SFT conversations generated for the task."""
     pretrain_rows: int = 3000

@@ -80,8 +80,9 @@ def make_rankings(cfg: RunConfig, sft_path: str, prompts: list[dict], out: Path)
 @torch.no_grad()
 def evaluate_policy(cfg: RunConfig, sft_path: str, rm_path: str, policy_path: str | None, prompts: list[dict],
                     device) -> dict[str, Any]:
-    """Gold reward, proxy (RM) reward and KL to the SFT policy of a policy's samples on ``prompts``
-    (one fixed seed): the roles of the RL stage with the policy head loaded from ``policy_path``."""
+    """Gold reward, proxy (RM) reward and KL to the SFT policy, means over ``pipeline.eval_samples``
+    samples per prompt of ``prompts`` (one fixed seed): the roles of the RL stage with the policy head
+    loaded from ``policy_path`` (None: the SFT policy itself)."""
     from ..algorithms.rl import resolve
     from .rl import build_roles
 
@@ -97,11 +98,12 @@ def evaluate_policy(cfg: RunConfig, sft_path: str, rm_path: str, policy_path: st
     model = model.to(device)
     maker = ExperienceMaker(model, tok, reward, settings, cfg.rollout, pad_id=pad_id(tok), reward_head_bias=bias)
     items = [prompt_item(tok, parse_prompt_row(r), cfg.data.seq_len - cfg.rollout.max_new_tokens) for r in prompts]
-    r = maker(items, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 999), group=1)
+    r = maker(items, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 999), group=cfg.pipeline.eval_samples)
     return {"gold": float(r.parts[GOLD].mean()), "proxy": float(r.parts["preference"].mean()),
             "kl": float(r.seq_kl().mean()), "length": float(r.response_lengths().float().mean()),
             "samples": [{"prompt": p, "response": y, "gold": float(g), "proxy": round(float(s), 3)}
-                        for p, y, g, s in zip(r.prompts, r.responses, r.parts[GOLD], r.parts["preference"])]}
+                        for p, y, g, s in zip(r.prompts, r.responses, r.parts[GOLD], r.parts["preference"])]
+            [:: cfg.pipeline.eval_samples]}  # the first sample of each prompt
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
