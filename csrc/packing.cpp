@@ -58,9 +58,10 @@ std::vector<std::vector<i64>> pack_ffd(const std::vector<i64>& lengths, i64 budg
 // subset of one with the lightest of the other. Every rank ends with the same number of items (the
 // input is padded with zero loads, i.e. empty micro-batches, to a multiple of k).
 struct Partition {
-    std::vector<i64> sums;                 // k subset loads, kept sorted descending
-    std::vector<std::vector<i64>> items;   // item indices per subset, in the same order
-    i64 id = 0;                            // creation order: ties in spread pop the oldest first
+    std::vector<i64> sums;   // k subset loads, kept sorted descending
+    std::vector<i64> head;   // per subset: first item of its linked list (-1: empty), same order as sums
+    std::vector<i64> tail;   // per subset: last item
+    i64 id = 0;              // creation order: ties in spread pop the oldest first
     i64 spread() const { return sums.front() - sums.back(); }
 };
 
@@ -74,39 +75,77 @@ std::vector<std::vector<i64>> balance(const std::vector<i64>& loads, i64 k) {
     auto cmp = [](const Partition& a, const Partition& b) {
         return a.spread() != b.spread() ? a.spread() < b.spread() : a.id > b.id;
     };
-    i64 next_id = 0;
     std::priority_queue<Partition, std::vector<Partition>, decltype(cmp)> heap(cmp);
+    std::vector<i64> next(n, -1);  // subsets are linked lists over items: a merge is O(k), not O(items)
+    i64 next_id = 0;
     for (i64 c = 0; c < padded / k; ++c) {
         Partition p;
         for (i64 r = 0; r < k; ++r) {
             const i64 pos = c * k + r;
             const i64 item = pos < n ? order[pos] : -1;  // -1: padding, no micro-batch
             p.sums.push_back(item >= 0 ? loads[item] : 0);
-            p.items.push_back(item >= 0 ? std::vector<i64>{item} : std::vector<i64>{});
+            p.head.push_back(item);
+            p.tail.push_back(item);
         }
         p.id = next_id++;
         heap.push(std::move(p));
     }
-    if (heap.empty()) return std::vector<std::vector<i64>>(k);
+    std::vector<std::vector<i64>> out(k);
+    if (heap.empty()) return out;
     while (heap.size() > 1) {
         Partition a = heap.top(); heap.pop();
         Partition b = heap.top(); heap.pop();
-        Partition m;
-        for (i64 r = 0; r < k; ++r) {  // heaviest of a with lightest of b
-            m.sums.push_back(a.sums[r] + b.sums[k - 1 - r]);
-            std::vector<i64> merged = a.items[r];
-            merged.insert(merged.end(), b.items[k - 1 - r].begin(), b.items[k - 1 - r].end());
-            m.items.push_back(std::move(merged));
+        std::vector<i64> sums(k), head(k), tail(k);
+        for (i64 r = 0; r < k; ++r) {  // heaviest of a with lightest of b: a's list, then b's
+            const i64 q = k - 1 - r;
+            sums[r] = a.sums[r] + b.sums[q];
+            if (a.head[r] < 0) { head[r] = b.head[q]; tail[r] = b.tail[q]; }
+            else if (b.head[q] < 0) { head[r] = a.head[r]; tail[r] = a.tail[r]; }
+            else { next[a.tail[r]] = b.head[q]; head[r] = a.head[r]; tail[r] = b.tail[q]; }
         }
         std::vector<i64> idx(k);
         std::iota(idx.begin(), idx.end(), 0);
-        std::stable_sort(idx.begin(), idx.end(), [&](i64 x, i64 y) { return m.sums[x] > m.sums[y]; });
-        Partition s;
-        for (i64 r : idx) { s.sums.push_back(m.sums[r]); s.items.push_back(std::move(m.items[r])); }
-        s.id = next_id++;
-        heap.push(std::move(s));
+        std::stable_sort(idx.begin(), idx.end(), [&](i64 x, i64 y) { return sums[x] > sums[y]; });
+        Partition m;
+        for (i64 r : idx) { m.sums.push_back(sums[r]); m.head.push_back(head[r]); m.tail.push_back(tail[r]); }
+        m.id = next_id++;
+        heap.push(std::move(m));
     }
-    return heap.top().items;
+    const Partition& top = heap.top();
+    for (i64 r = 0; r < k; ++r)
+        for (i64 item = top.head[r]; item >= 0; item = next[item]) out[r].push_back(item);
+    return out;
+}
+
+// Packing and balancing in one call on numpy arrays: the sequences of bin b are
+// order[offsets[b]:offsets[b+1]], rank r owns bins rank_bins[r]; plus the padding fraction and the
+// rank imbalance (max load / mean - 1). Nothing crosses into Python objects per sequence.
+py::tuple pack_and_balance(py::array_t<i64, py::array::c_style | py::array::forcecast> lengths_arr, i64 budget, i64 k) {
+    auto view = lengths_arr.unchecked<1>();
+    std::vector<i64> lengths(view.shape(0));
+    for (i64 i = 0; i < static_cast<i64>(lengths.size()); ++i) lengths[i] = view(i);
+    const auto bins = pack_ffd(lengths, budget);
+    std::vector<i64> loads(bins.size()), order, offsets{0};
+    order.reserve(lengths.size());
+    i64 total = 0;
+    for (size_t b = 0; b < bins.size(); ++b) {
+        for (i64 i : bins[b]) { loads[b] += lengths[i]; order.push_back(i); }
+        offsets.push_back(static_cast<i64>(order.size()));
+        total += loads[b];
+    }
+    const auto ranks = balance(loads, k);
+    py::list rank_bins;
+    i64 max_load = 0;
+    for (const auto& r : ranks) {
+        i64 load = 0;
+        for (i64 b : r) load += loads[b];
+        max_load = std::max(max_load, load);
+        rank_bins.append(py::array_t<i64>(r.size(), r.data()));
+    }
+    const double padding = bins.empty() ? 0.0 : 1.0 - static_cast<double>(total) / (static_cast<double>(bins.size()) * budget);
+    const double mean = static_cast<double>(total) / k;
+    return py::make_tuple(py::array_t<i64>(order.size(), order.data()), py::array_t<i64>(offsets.size(), offsets.data()),
+                          rank_bins, padding, mean > 0 ? max_load / mean - 1.0 : 0.0);
 }
 
 // splitmix64: the per-epoch shuffle's random source, identical in the Python twin.
@@ -171,6 +210,8 @@ PYBIND11_MODULE(_C, m) {
           "First-fit decreasing: lists of sequence indices whose lengths fit the token budget.");
     m.def("balance", &balance, py::arg("loads"), py::arg("n_ranks"),
           "Balanced largest differencing: per-rank lists of item indices, equal counts.");
+    m.def("pack_and_balance", &pack_and_balance, py::arg("lengths"), py::arg("budget"), py::arg("n_ranks"),
+          "(order, bin offsets, per-rank bin indices, padding fraction, rank imbalance) on numpy arrays.");
     m.def("sample_index", &sample_index, py::arg("doc_lengths"), py::arg("seq_len"), py::arg("epochs"),
           py::arg("seed"), "(doc_order, sample_starts (n+1, 2), shuffle) for fixed-length samples.");
 }

@@ -9,6 +9,7 @@
     rlhf-engine quickstart [--out DIR]                          # pretrain -> SFT -> RM -> PPO -> report
     rlhf-engine pipeline --config configs/quickstart.yaml pipeline.rl_algorithm=grpo
     rlhf-engine iterate --config configs/iterate_tiny.yaml     # collect -> RM -> RL, repeated
+    rlhf-engine data preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer runs/sft/hf
     rlhf-engine plan --config configs/gpt3_175b_ppo.yaml --world-size 1024 --json
 
 Every training command takes ``--config RECIPE`` plus dotted ``key=value`` overrides; a bad key or
@@ -99,6 +100,15 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from .data.indexed import preprocess
+    from .models import load_tokenizer
+
+    n = preprocess(args.input, args.output_prefix, load_tokenizer(args.tokenizer))
+    print(f"wrote {n} documents to {args.output_prefix}.bin / .idx")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .parallel.plan import format_plan, plan
 
@@ -133,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=20")
         stage.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = data_sub.add_parser("preprocess", help="JSONL/Parquet rows -> a Megatron indexed dataset (.bin/.idx)")
+    prep.add_argument("--input", required=True, help="rows: {\"text\": ...} or chat {\"messages\": [...]}")
+    prep.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer directory (e.g. an HF checkpoint)")
+    prep.set_defaults(func=_preprocess)
 
     quick = sub.add_parser("quickstart", help="the whole pipeline on the built-in task on a CPU, with a report")
     quick.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")

@@ -364,6 +364,10 @@ class TrainerConfig:
     pairs), or dialogues (rules)."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
+    token_budget: int | None = None
+    """SFT: dynamic batching. Each micro-batch holds as many examples as fit in this many tokens (one
+    packed row; C++ first-fit decreasing), balanced by tokens across data-parallel ranks; replaces
+    micro_batch_size. Must be >= data.seq_len."""
     eval_every: int = 0
     """Evaluate on held-out data every N steps (and at the end); 0: only at the end."""
     eval_batches: int = 8
@@ -392,6 +396,8 @@ class TrainerConfig:
             raise ValueError("save_every, keep_checkpoints and eval_every must be >= 0")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError("stop_after must be >= 1")
+        if self.token_budget is not None and self.token_budget < 2:
+            raise ValueError("token_budget must be >= 2")
 
 
 @section

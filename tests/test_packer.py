@@ -85,3 +85,13 @@ def test_sample_index_identical_to_python_and_covers_the_stream(seed):
     assert all(np.array_equal(a, b) for a, b in zip(got, again))
     other = packer.sample_index(docs, 64, 2, seed + 1)
     assert not np.array_equal(other[2], shuffle)
+
+
+def test_pack_and_balance_cpp_equals_python():
+    lengths = _lengths(4000, 5, hi=1024)
+    a, b = packer.pack_and_balance(lengths, 2048, 8), packer.pack_and_balance(lengths, 2048, 8, impl="python")
+    np.testing.assert_array_equal(a.order, b.order)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    assert [r.tolist() for r in a.rank_bins] == [r.tolist() for r in b.rank_bins]
+    assert a.padding_fraction == pytest.approx(b.padding_fraction) and a.rank_imbalance == pytest.approx(b.rank_imbalance)
+    assert a.ranks == b.ranks

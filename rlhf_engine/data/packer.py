@@ -73,29 +73,42 @@ def balance_python(loads: Sequence[int], k: int) -> list[list[int]]:
     n = len(loads)
     order = sorted(range(n), key=lambda i: -loads[i])
     padded = (n + k - 1) // k * k
-    heap: list = []  # (-spread, id, sums, items): the largest spread first, the oldest among ties
+    heap: list = []  # (-spread, id, sums, heads, tails): the largest spread first, the oldest among ties
+    nxt = [-1] * n  # subsets are linked lists over items, as in the C++ version
     next_id = 0
     for c in range(padded // k):
-        sums, items = [], []
-        for r in range(k):
-            pos = c * k + r
-            item = order[pos] if pos < n else -1
-            sums.append(loads[item] if item >= 0 else 0)
-            items.append([item] if item >= 0 else [])
-        heapq.heappush(heap, (-(sums[0] - sums[-1]), next_id, sums, items))
+        items = [order[c * k + r] if c * k + r < n else -1 for r in range(k)]
+        sums = [loads[i] if i >= 0 else 0 for i in items]
+        heapq.heappush(heap, (-(sums[0] - sums[-1]), next_id, sums, items, list(items)))
         next_id += 1
     if not heap:
         return [[] for _ in range(k)]
     while len(heap) > 1:
-        _, _, a_s, a_i = heapq.heappop(heap)
-        _, _, b_s, b_i = heapq.heappop(heap)
-        m_s = [a_s[r] + b_s[k - 1 - r] for r in range(k)]
-        m_i = [a_i[r] + b_i[k - 1 - r] for r in range(k)]
-        idx = sorted(range(k), key=lambda r: -m_s[r])
-        sums = [m_s[r] for r in idx]
-        heapq.heappush(heap, (-(sums[0] - sums[-1]), next_id, sums, [m_i[r] for r in idx]))
+        _, _, a_s, a_h, a_t = heapq.heappop(heap)
+        _, _, b_s, b_h, b_t = heapq.heappop(heap)
+        sums, heads, tails = [0] * k, [0] * k, [0] * k
+        for r in range(k):
+            q = k - 1 - r
+            sums[r] = a_s[r] + b_s[q]
+            if a_h[r] < 0:
+                heads[r], tails[r] = b_h[q], b_t[q]
+            elif b_h[q] < 0:
+                heads[r], tails[r] = a_h[r], a_t[r]
+            else:
+                nxt[a_t[r]] = b_h[q]
+                heads[r], tails[r] = a_h[r], b_t[q]
+        idx = sorted(range(k), key=lambda r: -sums[r])
+        s = [sums[r] for r in idx]
+        heapq.heappush(heap, (-(s[0] - s[-1]), next_id, s, [heads[r] for r in idx], [tails[r] for r in idx]))
         next_id += 1
-    return heap[0][3]
+    out = []
+    for head in heap[0][3]:
+        items, item = [], head
+        while item >= 0:
+            items.append(item)
+            item = nxt[item]
+        out.append(items)
+    return out
 
 
 def _splitmix64(state: int) -> tuple[int, int]:
@@ -175,19 +188,38 @@ def sample_index(doc_lengths: Sequence[int], seq_len: int, epochs: int, seed: in
 
 @dataclass(frozen=True)
 class PackPlan:
-    ranks: list[list[list[int]]]  # rank -> micro-batches -> sequence indices
-    padding_fraction: float
-    rank_imbalance: float
+    """Bin b holds sequences ``order[offsets[b]:offsets[b + 1]]``; rank r owns bins ``rank_bins[r]``."""
+
+    order: np.ndarray  # (n,) sequence indices, bin after bin
+    offsets: np.ndarray  # (bins + 1,)
+    rank_bins: list[np.ndarray]  # per rank: bin indices (equal counts, up to one)
+    padding_fraction: float  # 1 - tokens / (bins * budget)
+    rank_imbalance: float  # max rank load / mean - 1
+
+    def bin(self, b: int) -> list[int]:
+        return self.order[self.offsets[b] : self.offsets[b + 1]].tolist()
+
+    @property
+    def ranks(self) -> list[list[list[int]]]:
+        """rank -> micro-batches -> sequence indices."""
+        return [[self.bin(int(b)) for b in bins] for bins in self.rank_bins]
 
 
 def pack_and_balance(lengths: Sequence[int], budget: int, n_ranks: int, impl: str = "cpp") -> PackPlan:
     """Pack into micro-batches of at most ``budget`` tokens, then deal them to ranks with balanced token
-    loads and equal counts (a rank may get an empty micro-batch when the count is not a multiple)."""
-    bins = pack_ffd(lengths, budget, impl)
+    loads and equal counts (a rank may get one micro-batch fewer when the count is not a multiple)."""
+    if impl != "python":
+        order, offsets, rank_bins, pad, imb = _native().pack_and_balance(np.asarray(lengths, dtype=np.int64),
+                                                                         int(budget), int(n_ranks))
+        return PackPlan(order, offsets, list(rank_bins), pad, imb)
+    lengths = list(lengths)
+    bins = pack_ffd_python(lengths, budget)
     loads = [sum(lengths[i] for i in b) for b in bins]
-    per_rank = balance(loads, n_ranks, impl)
-    ranks = [[bins[j] for j in items] for items in per_rank]
+    per_rank = balance_python(loads, n_ranks)
+    order = np.array([i for b in bins for i in b], dtype=np.int64)
+    offsets = np.cumsum([0] + [len(b) for b in bins]).astype(np.int64)
+    total = sum(loads)
     rank_loads = [sum(loads[j] for j in items) for items in per_rank]
-    mean = sum(rank_loads) / max(n_ranks, 1)
-    return PackPlan(ranks, 1.0 - sum(loads) / max(len(bins) * budget, 1),
-                    max(rank_loads) / mean - 1.0 if mean > 0 else 0.0)
+    mean = total / n_ranks
+    return PackPlan(order, offsets, [np.array(r, dtype=np.int64) for r in per_rank],
+                    1.0 - total / (len(bins) * budget) if bins else 0.0, max(rank_loads) / mean - 1.0 if mean > 0 else 0.0)

@@ -31,6 +31,7 @@ from ..algorithms.rl import RL_ALGORITHMS, RLSettings, resolve, rl_objective, se
 from ..config import RunConfig
 from ..data.builtin import demo_conversations
 from ..data.chat import parse_sft_row
+from ..data.indexed import indexed_examples, is_indexed
 from ..data.prompts import PromptItem, parse_prompt_row, prompt_item, prompt_texts
 from ..data.reader import DataError, read_rows
 from ..models.hf import load_hf_model, save_hf_model
@@ -107,7 +108,11 @@ def ptx_stream(cfg: RunConfig, tokenizer, pad: int):
         return None
     if cfg.data.pretrain_path is None:
         raise DataError("algorithm.rl.ptx_coef > 0 needs data.pretrain_path (plain-text or chat rows)")
-    examples = to_examples(tokenizer, read_rows(cfg.data.pretrain_path, parse_sft_row), cfg.data.seq_len)
+    path = cfg.data.pretrain_path
+    if is_indexed(path):  # a Megatron corpus: fixed-length samples from the C++ sample index
+        examples = indexed_examples(path, cfg.data.seq_len, cfg.trainer.seed)
+    else:
+        examples = to_examples(tokenizer, read_rows(path, parse_sft_row), cfg.data.seq_len)
     return sft_stream(examples, cfg, pad, micro_batch_size=c.ptx_micro_batch_size)
 
 
