@@ -87,12 +87,53 @@ class ParallelConfig:
             raise ValueError("pp_stages_per_rank > 1 needs pp_schedule='interleaved_1f1b'")
 
 
+TE_RECIPES = ("delayed", "current", "block")
+TORCHAO_RECIPES = ("tensorwise", "rowwise")
+
+
+@section
+class FP8Config:
+    """FP8 matmuls for the linear layers (``parallel/fp8.py``)."""
+
+    backend: Literal["torchao", "te"] = "torchao"
+    """torchao: ``convert_to_float8_training`` (PyTorch-native, runs everywhere torch._scaled_mm does);
+    te: NVIDIA Transformer Engine modules under its FP8 autocast (H100 and later; pip install .[fp8])."""
+    recipe: str | None = None
+    """torchao: tensorwise (default) | rowwise; te: delayed (default) | current | block (delayed scaling
+    with an amax history, current per-tensor scaling, MXFP8-style block scaling)."""
+    exclude: list[str] = dataclasses.field(default_factory=lambda: ["lm_head", "score"])
+    """Linear layers whose qualified name contains one of these stay in the compute dtype: by default the
+    LM head and the value/reward heads."""
+    keep_first_last: bool = False
+    """Also keep the first and the last decoder layer in the compute dtype."""
+    roles: list[str] | None = None
+    """RL/DPO role models: the roles whose heads use FP8 (e.g. [policy, critic]); the frozen trunk too
+    unless 'trunk' is left out. None: everything not excluded."""
+    amax_history: int = 16
+    """te delayed scaling: length of the amax history."""
+    float8_all_gather: bool = False
+    """torchao with FSDP2: all-gather the sharded weights in float8 (halves the gather's bytes)."""
+
+    def __post_init__(self) -> None:
+        valid = TE_RECIPES if self.backend == "te" else TORCHAO_RECIPES
+        if self.recipe is None:
+            self.recipe = valid[0]
+        if self.recipe not in valid:
+            raise ValueError(f"recipe {self.recipe!r} is not a {self.backend} recipe; choose one of {', '.join(valid)}")
+        if self.float8_all_gather and (self.backend != "torchao" or self.recipe != "tensorwise"):
+            raise ValueError("float8_all_gather needs backend torchao with the tensorwise recipe")
+        if self.amax_history < 1:
+            raise ValueError("amax_history must be >= 1")
+
+
 @section
 class PrecisionConfig:
     """Numeric formats."""
 
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter and activation dtype. Norms, rotary tables and softmax statistics stay fp32."""
+    fp8: FP8Config | None = None
+    """FP8 training of the linear layers (None: off)."""
 
 
 @section

@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import OptimConfig, RunConfig
 from .parallel.checkpoint import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
+from .parallel.fp8 import fp8_metrics
 from .parallel.runtime import Runtime
 
 
@@ -403,6 +404,8 @@ class Trainer(Generic[B]):
             record = {"loss": sums.pop("loss"), **{k: v / max(n_global, 1) for k, v in sums.items()},
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "targets": n_global,
                       "tokens_per_s": step_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(rt.device), 1)}
+            if cfg.precision.fp8 is not None:
+                record.update(fp8_metrics(self.model))
             extra = after_step(record) if after_step is not None else {}
             record.update(extra)
             log.advance(record["loss"])

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..config import RunConfig
 from .activation_checkpoint import apply_activation_checkpointing
 from .dims import LayoutError, ParallelDims
+from .fp8 import apply_fp8
 from .fsdp import apply_fsdp
 from .tensor_parallel import apply_tensor_parallel
 
@@ -69,11 +70,16 @@ class Runtime:
             raise LayoutError(f"pp={self.dims.pp}: the trainer does not drive a pipeline schedule yet; "
                               "use tp, dp_shard and dp_replicate")
         dtype = DTYPES[cfg.precision.dtype]
+        fp8 = cfg.precision.fp8
         if self.mesh is None:
-            model = model.to(device=self.device, dtype=dtype)
+            model = apply_fp8(model.to(device=self.device, dtype=dtype), fp8)
             return apply_activation_checkpointing(model) if cfg.parallel.activation_checkpointing else model
         self.dims.check_model(model.config)
+        if fp8 is not None and self.dims.tp > 1:
+            raise LayoutError("precision.fp8 with parallel.tp > 1 needs float8 tensor-parallel styles, which are "
+                              "not wired yet; use FSDP (dp_shard) with fp8, or tp without it")
         model.to(self.device)  # fp32 masters; FSDP computes in `dtype`
+        apply_fp8(model, fp8)
         apply_tensor_parallel(model, self.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
