@@ -164,12 +164,7 @@ def sample_index_python(doc_lengths: Sequence[int], seq_len: int, epochs: int, s
 def pack_ffd(lengths: Sequence[int], budget: int, impl: str = "cpp") -> list[list[int]]:
     if impl == "python":
         return pack_ffd_python(lengths, budget)
-    try:
-        return _native().pack_ffd(list(map(int, lengths)), int(budget))
-    except ValueError:
-        raise
-    except RuntimeError as err:  # std::invalid_argument arrives as ValueError; anything else re-raised
-        raise ValueError(str(err)) from err
+    return _native().pack_ffd(list(map(int, lengths)), int(budget))  # std::invalid_argument -> ValueError
 
 
 def balance(loads: Sequence[int], n_ranks: int, impl: str = "cpp") -> list[list[int]]:

@@ -164,7 +164,7 @@ class ExperienceMaker:
         _unshard(model)
         suffix = self.suffix if any(p.chat for p in items) else []
         # appended end-of-turn tokens have no recorded trunk states: then the trunk runs once more
-        record = s.cfg.cache_trunk and _inner(model).trunk is not None and not suffix
+        record = s.cfg.cache_trunk and model.trunk is not None and not suffix
         gen = generate(model, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
                        stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, temperature=r.temperature,
                        top_k=r.top_k, top_p=r.top_p, generator=generator, record_trunk=record,
@@ -220,10 +220,6 @@ def sampled_logprobs(gen, shape) -> torch.Tensor:
     for b, row in enumerate(gen.logprobs):
         out[b, gen.prompt_length - 1 : gen.prompt_length - 1 + len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
-
-
-def _inner(model):
-    return getattr(model, "module", model)
 
 
 def _unshard(model) -> None:

@@ -42,7 +42,7 @@ from .rl import load_prompt_rows, run_rl
 
 
 @torch.no_grad()
-def sample_responses(policy_path: str, rows: list, cfg: RunConfig, k: int, seed: int) -> list[list[str]]:
+def sample_from_policy(policy_path: str, rows: list, cfg: RunConfig, k: int, seed: int) -> list[list[str]]:
     """K responses per prompt from an exported policy, with the rollout settings."""
     from ..data.prompts import prompt_item
 
@@ -96,7 +96,7 @@ def run_iterated(cfg: RunConfig) -> dict[str, Any]:
         if not ranked.exists():
             start_i = (r * it.prompts_per_round) % max(len(train_rows) - it.prompts_per_round, 1)
             rows = train_rows[start_i : start_i + it.prompts_per_round]
-            responses = sample_responses(policy, rows, cfg, it.responses_per_prompt, cfg.trainer.seed * 31 + r)
+            responses = sample_from_policy(policy, rows, cfg, it.responses_per_prompt, cfg.trainer.seed * 31 + r)
             ranks = build_labeler(cfg, rd, r).rank_all(rows, responses)
             tmp = ranked.with_suffix(".tmp")
             with tmp.open("w") as f:

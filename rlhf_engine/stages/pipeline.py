@@ -32,11 +32,12 @@ import torch
 from ..config import RunConfig
 from ..data.prompts import parse_prompt_row, prompt_item
 from ..data.task import build_task, gold_score, label, pair_agreement
+from ..labelers import scores_to_ranking
 from ..models import load_hf_model, load_tokenizer
 from ..parallel.runtime import init_runtime
 from ..rollout.experience import ExperienceMaker
 from .common import derive, pad_id, write_summary
-from .iterate import sample_responses
+from .iterate import sample_from_policy
 
 GOLD = "quickstart_gold"
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")  # a copy of configs/quickstart.yaml, shipped in the package
@@ -61,13 +62,13 @@ def make_rankings(cfg: RunConfig, sft_path: str, prompts: list[dict], out: Path)
     (for agreement). Returns inter-labeler and labeler-gold pairwise agreement."""
     p = cfg.pipeline
     rows = [parse_prompt_row(r) for r in prompts]
-    responses = sample_responses(sft_path, rows, cfg, p.responses_per_prompt, cfg.trainer.seed * 7 + 1)
+    responses = sample_from_policy(sft_path, rows, cfg, p.responses_per_prompt, cfg.trainer.seed * 7 + 1)
     rng_a, rng_b = random.Random(cfg.trainer.seed * 101 + 1), random.Random(cfg.trainer.seed * 101 + 2)
     ranked, inter, gold_agree = [], [0, 0], [0, 0]
     for row, prompt, ys in zip(rows, prompts, responses):
         gold = [gold_score(row.text, y) for y in ys]
         a, b = label(gold, p.label_noise, rng_a), label(gold, p.label_noise, rng_b)
-        truth = [sorted(set(gold), reverse=True).index(g) + 1 for g in gold]
+        truth = scores_to_ranking(gold)
         for acc, other in ((inter, b), (gold_agree, truth)):
             agree, total = pair_agreement(a, other)
             acc[0], acc[1] = acc[0] + agree, acc[1] + total
