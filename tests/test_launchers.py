@@ -22,18 +22,30 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+FP8 = ["precision.fp8.backend=torchao"]
+SFT_LAYOUTS = {  # id: (layout overrides, overrides of both runs, loss tolerance)
+    "tp2_sp": (["parallel.tp=2", "parallel.sequence_parallel=true"], [], 1e-5),
+    "fsdp2": (["parallel.dp_shard=2"], [], 1e-5),
+    # torchao float8 (tensor-wise): the same scales as one process, so equal up to fp32 summation order
+    "tp2_sp_fp8": (["parallel.tp=2", "parallel.sequence_parallel=true"], FP8, 1e-4),
+    "fsdp2_fp8_all_gather": (["parallel.dp_shard=2", "precision.fp8.float8_all_gather=true"], FP8, 1e-4),
+}
+
+
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.dp_shard=2"]],
-                         ids=["tp2_sp", "fsdp2"])
-def test_sft_under_torchrun_matches_single_process(tmp_path, layout):
+@pytest.mark.parametrize("layout_id", list(SFT_LAYOUTS))
+def test_sft_under_torchrun_matches_single_process(tmp_path, layout_id):
+    layout, both, tol = SFT_LAYOUTS[layout_id]
+    if both:
+        pytest.importorskip("torchao")
     # One process with 2 micro-batches per step sees the same data as 2 data-parallel ranks with 1 each.
     dp = 2 if "parallel.dp_shard=2" in layout else 1
     single = run_sft(load_config(ROOT / "configs/sft_tiny.yaml",
-                                 TINY + [f"trainer.out_dir={tmp_path / 'single'}", "trainer.grad_accum_steps=2"]))
+                                 TINY + both + [f"trainer.out_dir={tmp_path / 'single'}", "trainer.grad_accum_steps=2"]))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [str(ROOT / "scripts/torchrun.sh"), "2", "sft", "--config", "configs/sft_tiny.yaml", *TINY, *layout,
+        [str(ROOT / "scripts/torchrun.sh"), "2", "sft", "--config", "configs/sft_tiny.yaml", *TINY, *both, *layout,
          f"trainer.out_dir={tmp_path / 'dist'}", f"trainer.grad_accum_steps={2 // dp}",
          f"model.tokenizer_path={tmp_path / 'single' / 'tokenizer'}"],  # the same vocabulary
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -42,9 +54,13 @@ def test_sft_under_torchrun_matches_single_process(tmp_path, layout):
     assert summary["world_size"] == 2
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "dist")
     assert len(a) == len(b) == 6
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
-    assert abs(summary["eval_loss_final"] - single["eval_loss_final"]) <= 1e-5
+    assert max(abs(x - y) for x, y in zip(a, b)) <= tol, (a, b)
+    assert abs(summary["eval_loss_final"] - single["eval_loss_final"]) <= tol
     assert (tmp_path / "dist" / "hf" / "model.safetensors").exists()
+    if both:  # the float8 layers are reported by every layout
+        fp8 = [r["fp8/layers"] for r in map(json.loads, (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r]
+        assert fp8 == [14.0] * 6, fp8
 
 
 PREF_TINY = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",

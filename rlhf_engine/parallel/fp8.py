@@ -18,9 +18,10 @@ the frozen shared trunk).
   an amax history, current scaling, or block scaling). Needs CUDA and ``pip install .[fp8]``; requested
   without it, a clear error.
 
-Composition: FP8 applies before FSDP2 (sharded float8 weights need the conversion first). With tensor
-parallelism the layouts need torchao's / TE's own parallel styles, which are not wired yet: the runtime
-refuses fp8 with tp > 1.
+Composition: FP8 applies before tensor parallelism and FSDP2 (sharded float8 weights need the conversion
+first). Under tensor parallelism torchao's Float8Linear layers get torchao's float8 parallel styles
+(``parallel.tensor_parallel``). Transformer Engine's own tensor-parallel linears are not wired: the
+runtime refuses backend ``te`` with tp > 1.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import functools
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import FP8Config
@@ -119,19 +121,27 @@ def _transformer_engine(model: nn.Module, cfg: FP8Config, names: list[str]) -> n
 @torch.no_grad()
 def fp8_metrics(model: nn.Module) -> dict[str, float]:
     """Numerics of the FP8 layers: how many, the largest weight amax, the smallest scale
-    (448 / amax for e4m3) and, for TE's delayed scaling, the amax history's largest value."""
-    amaxes, te_hist = [], []
+    (448 / amax for e4m3) and, for TE's delayed scaling, the amax history's largest value.
+
+    A collective when the weights are sharded (tensor parallel, FSDP): every rank calls it, and the amax
+    of a sharded weight is the maximum over its shards."""
+    amaxes, te_hist, sharded = [], [], False
     for m in model.modules():
         kind = type(m).__name__
         if kind == "Float8Linear" or (kind == "Linear" and type(m).__module__.startswith("transformer_engine")):
-            w = m.weight.to_local() if hasattr(m.weight, "to_local") else m.weight
-            amaxes.append(float(w.detach().abs().max()))
+            w = m.weight.detach()
+            if hasattr(w, "to_local"):
+                w, sharded = w.to_local(), True
+            amaxes.append(w.abs().max().float() if w.numel() else w.new_zeros((), dtype=torch.float32))
             meta = getattr(m, "fp8_meta", None)
             if meta and "scaling_fwd" in meta:
                 te_hist.append(float(meta["scaling_fwd"].amax_history.max()))
     if not amaxes:
         return {}
-    amax = max(amaxes)
+    local = torch.stack(amaxes)  # (layers,)
+    if sharded and dist.is_initialized():
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    amax = float(local.max())
     out = {"fp8/layers": float(len(amaxes)), "fp8/weight_amax_max": amax,
            "fp8/weight_scale_min": FP8_E4M3_MAX / amax if amax > 0 else math.inf}
     if te_hist:

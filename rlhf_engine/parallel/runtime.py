@@ -75,9 +75,9 @@ class Runtime:
             model = apply_fp8(model.to(device=self.device, dtype=dtype), fp8)
             return apply_activation_checkpointing(model) if cfg.parallel.activation_checkpointing else model
         self.dims.check_model(model.config)
-        if fp8 is not None and self.dims.tp > 1:
-            raise LayoutError("precision.fp8 with parallel.tp > 1 needs float8 tensor-parallel styles, which are "
-                              "not wired yet; use FSDP (dp_shard) with fp8, or tp without it")
+        if fp8 is not None and fp8.backend == "te" and self.dims.tp > 1:
+            raise LayoutError("precision.fp8.backend=te with parallel.tp > 1: Transformer Engine's own tensor-parallel "
+                              "linears are not wired; use precision.fp8.backend=torchao with tp, or te with dp_shard")
         model.to(self.device)  # fp32 masters; FSDP computes in `dtype`
         apply_fp8(model, fp8)
         apply_tensor_parallel(model, self.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)

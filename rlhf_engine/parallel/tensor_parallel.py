@@ -13,6 +13,14 @@ Sequence parallel (Korthikanti et al. 2022): between the row- and column-paralle
 residual stream is split along the sequence, so norms and residual adds run on S / tp tokens per rank;
 attention and the MLP all-gather their input; the final norm's output is all-gathered before the LM head.
 The sequence length must then be divisible by tp.
+
+FP8 (``parallel.fp8``, applied before this): a torchao ``Float8Linear`` with tensor-wise dynamic
+scaling gets torchao's float8 styles, which cast to float8 *before* communicating, so the
+sequence-parallel all-gather of a block's input moves float8 bytes, once for q/k/v (and once for
+gate/up); the amax of a sharded tensor is reduced over the shards, so the scales are those of one
+process. (Those float8 collectives need NCCL: gloo has no float8 dtypes, so on CPU
+with sequence parallelism the plain styles gather in high precision and cast after, with the same numbers.) Row-wise scaling keeps the plain styles: its per-row scales of a row-parallel layer's input
+are then taken per shard (finer, not bitwise equal to one process).
 """
 
 from __future__ import annotations
@@ -65,26 +73,72 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool
         parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()))
 
     for layer in model.layers.values():
+        # torchao's float8 styles communicate float8 tensors under sequence parallelism (the block input's
+        # all-gather, the gradient's all-gather in backward); gloo has no float8 dtypes.
+        styles = _Styles(layer, float8_styles=tp_mesh.device_type == "cuda" or not sp)
         plan = {
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+            "self_attn.q_proj": styles.colwise("self_attn.q_proj"),
+            "self_attn.k_proj": styles.colwise("self_attn.k_proj"),
+            "self_attn.v_proj": styles.colwise("self_attn.v_proj"),
+            "self_attn.o_proj": styles.rowwise("self_attn.o_proj", output_layouts=residual),
+            "mlp.gate_proj": styles.colwise("mlp.gate_proj"),
+            "mlp.up_proj": styles.colwise("mlp.up_proj"),
+            "mlp.down_proj": styles.rowwise("mlp.down_proj", output_layouts=residual),
         }
         if sp:
             plan.update({
                 "input_layernorm": SequenceParallel(),
                 "post_attention_layernorm": SequenceParallel(),
                 # attention gets (x, cos, sin, mask, cache); only x is sequence-sharded
-                "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
-                                                desired_input_layouts=(Replicate(), None, None, None, None)),
-                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "self_attn": styles.gather_input("self_attn", ("q_proj", "k_proj", "v_proj"), extra_args=4),
+                "mlp": styles.gather_input("mlp", ("gate_proj", "up_proj"), extra_args=0),
             })
         parallelize_module(layer, tp_mesh, plan)
     return model
+
+
+class _Styles:
+    """Megatron's styles for one decoder layer's linears, float8-aware (module docstring)."""
+
+    def __init__(self, layer, *, float8_styles: bool) -> None:
+        self.layer = layer
+        self.float8_styles = float8_styles
+
+    def float8(self, name: str) -> bool:
+        """Whether ``name`` is a torchao Float8Linear with tensor-wise dynamic scaling of its input."""
+        module = self.layer.get_submodule(name)
+        if not self.float8_styles or type(module).__name__ != "Float8Linear":
+            return False
+        from torchao.float8.config import ScalingGranularity, ScalingType
+
+        cast = module.config.cast_config_input
+        return cast.scaling_type == ScalingType.DYNAMIC and cast.scaling_granularity == ScalingGranularity.TENSORWISE
+
+    def colwise(self, name: str):
+        if self.float8(name):
+            from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel
+
+            return Float8ColwiseParallel()
+        return ColwiseParallel()
+
+    def rowwise(self, name: str, *, output_layouts):
+        if self.float8(name):
+            from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel
+
+            return Float8RowwiseParallel(output_layouts=output_layouts)
+        return RowwiseParallel(output_layouts=output_layouts)
+
+    def gather_input(self, block: str, consumers: tuple[str, ...], *, extra_args: int):
+        """Sequence parallel: all-gather the block's sequence-sharded first input (the others pass through);
+        in float8, cast once before the gather, when every consumer is a tensor-wise Float8Linear."""
+        layouts = (Shard(1),) + (None,) * extra_args
+        desired = (Replicate(),) + (None,) * extra_args
+        if all(self.float8(f"{block}.{c}") for c in consumers):
+            from torchao.float8.float8_tensor_parallel import PrepareFloat8ModuleInput
+
+            return PrepareFloat8ModuleInput(input_layouts=layouts, desired_input_layouts=desired,
+                                            fwd_config_submodule_fqn=consumers[0])
+        return PrepareModuleInput(input_layouts=layouts, desired_input_layouts=desired)
 
 
 def _replicate(module, tp_mesh: DeviceMesh) -> None:
