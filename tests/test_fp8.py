@@ -94,3 +94,31 @@ def test_transformer_engine_fp8_swaps_linears_and_trains():
     out = model(ids, targets=ids)
     (-out.logp.mean()).backward()
     assert torch.isfinite(out.logp).all() and "fp8/amax_history_max" in fp8_metrics(model)
+
+
+@pytest.mark.slow
+def test_ppo_with_float8_policy_and_critic_heads_learns_like_bf16(tmp_path):
+    """Per-role FP8 in RL: the policy and critic heads in float8 (trunk, reference and reward heads not),
+    generation included; the reward climbs as in bf16 and the exported policy is a plain HF checkpoint."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_rl_stage import _config, _records
+
+    from rlhf_engine.models import load_hf_model
+    from rlhf_engine.stages.rl import run_rl
+
+    runs = {}
+    for name, extra in (("bf16", []), ("fp8", ["precision.fp8.backend=torchao", "precision.fp8.roles=[policy,critic]"])):
+        (tmp_path / name).mkdir()
+        runs[name] = run_rl(_config(tmp_path / name, "ppo", "algorithm.rl.epochs=2", "precision.dtype=bfloat16", *extra))
+    bf16, fp8 = runs["bf16"], runs["fp8"]
+    # measured: held-out reward 0.21 -> 0.525 (bf16), 0.21 -> 0.541 (fp8)
+    assert fp8["eval_reward_final"] - fp8["eval_reward_initial"] > 0.15, fp8
+    assert abs(fp8["eval_reward_final"] - bf16["eval_reward_final"]) < 0.1, (fp8, bf16)
+    steps = [r for r in _records(tmp_path / "fp8" / "ppo", "ppo") if "loss" in r]
+    assert all(r["fp8/layers"] == 28 for r in steps)  # policy and critic heads: 2 layers x 7 linears each
+    policy = load_hf_model(tmp_path / "fp8" / "ppo" / "hf")  # float8 training leaves plain weights behind
+    ids = torch.randint(0, 512, (1, 8))
+    assert torch.isfinite(policy(ids, targets=ids).logp).all()
