@@ -14,13 +14,14 @@ residual stream is split along the sequence, so norms and residual adds run on S
 attention and the MLP all-gather their input; the final norm's output is all-gathered before the LM head.
 The sequence length must then be divisible by tp.
 
-FP8 (``parallel.fp8``, applied before this): a torchao ``Float8Linear`` with tensor-wise dynamic
+FP8 (``precision.fp8``, applied before this): a torchao ``Float8Linear`` with tensor-wise dynamic
 scaling gets torchao's float8 styles, which cast to float8 *before* communicating, so the
 sequence-parallel all-gather of a block's input moves float8 bytes, once for q/k/v (and once for
 gate/up); the amax of a sharded tensor is reduced over the shards, so the scales are those of one
-process. (Those float8 collectives need NCCL: gloo has no float8 dtypes, so on CPU
-with sequence parallelism the plain styles gather in high precision and cast after, with the same numbers.) Row-wise scaling keeps the plain styles: its per-row scales of a row-parallel layer's input
-are then taken per shard (finer, not bitwise equal to one process).
+process. Those float8 collectives need NCCL: gloo has no float8 dtypes, so on CPU with sequence
+parallelism the plain styles gather in high precision and cast after, with the same numbers. Row-wise
+scaling keeps the plain styles: its per-row scales of a row-parallel layer's input are then taken per
+shard (finer, not bitwise equal to one process).
 """
 
 from __future__ import annotations
