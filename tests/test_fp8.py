@@ -100,11 +100,7 @@ def test_transformer_engine_fp8_swaps_linears_and_trains():
 def test_ppo_with_float8_policy_and_critic_heads_learns_like_bf16(tmp_path):
     """Per-role FP8 in RL: the policy and critic heads in float8 (trunk, reference and reward heads not),
     generation included; the reward climbs as in bf16 and the exported policy is a plain HF checkpoint."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_rl_stage import _config, _records
+    from test_rl_stage import _config, _records  # beside this file (pytest puts tests/ on the path)
 
     from rlhf_engine.models import load_hf_model
     from rlhf_engine.stages.rl import run_rl
