@@ -8,7 +8,7 @@ history 16) when Transformer Engine imports. LM head kept in bf16 (the default e
 starts from the same weights and sees the same random-token batches. step_ms is the median over steps
 after 10 warm-up steps; the loss curve of every variant is written too. Goal on an H100: >= 1.3x step
 speed-up of the linear-heavy model with the final loss within 1% of bf16.
-Writes benchmarks/results/fp8_<device>.csv (and fp8_<device>_loss.csv).
+Writes benchmarks/results/fp8_<gpu>.csv (and fp8_loss_<gpu>.csv); fp8_cpu_tiny.csv for --tiny.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def main() -> None:
         print(f"{r['variant']}: {rows[0]['step_ms'] / r['step_ms']:.2f}x bf16 step speed, final loss "
               f"{100 * (r['final_loss'] / rows[0]['final_loss'] - 1):+.2f}% vs bf16")
     out = Path(__file__).parent / "results"
-    write_csv(rows, out / f"fp8_{device}{'_tiny' if args.tiny else ''}.csv")
-    write_csv(curves, out / f"fp8_{device}{'_tiny' if args.tiny else ''}_loss.csv")
+    tag = torch.cuda.get_device_name().replace(" ", "_").lower() if device == "cuda" else device
+    write_csv(rows, out / f"fp8_{tag}{'_tiny' if args.tiny else ''}.csv")
+    write_csv(curves, out / f"fp8_loss_{tag}{'_tiny' if args.tiny else ''}.csv")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/bench_linear_logprob.py                 # CPU: N=4096, H=1024, V=32000, fp32
     python benchmarks/bench_linear_logprob.py --quick         # small shape, seconds
     python benchmarks/bench_linear_logprob.py --device cuda   # GPU: bf16, N=16384, H=4096, V=128256
+    python benchmarks/bench_linear_logprob.py --device cuda --sweep   # + Triton launch-config candidates
 
 Providers (each where it runs): eager (logits + log_softmax + gather), trl_selective (logits +
 row-by-row logsumexp, TRL's selective log-softmax approach), chunked and triton (rlhf_kernels), liger
@@ -12,8 +13,12 @@ random upstream gradient. Time is the median of --repeats runs after a warm-up; 
 peak memory above what was allocated before the call (inputs excluded): CUDA allocator peak on GPU,
 resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) on CPU.
 
+TFLOP/s counts model FLOPs, not the work a provider chooses to redo: forward 2NHV per LM head read
+(the policy's, plus the reference's for the +kl providers), backward 4NHV (dX and dW of the policy).
+A recomputing backward does 6NHV, so its hardware rate is higher than the one quoted.
+
 Writes benchmarks/results/linear_logprob_<device>.csv with columns
-provider,dtype,n_tokens,hidden,vocab,pass,median_ms,peak_mem_mb.
+provider,dtype,n_tokens,hidden,vocab,pass,median_ms,tflops,peak_mem_mb.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def trl_selective(x, w, y, xq=None, wq=None, rows: int = 8):
     return picked - lse
 
 
-def _ours(backend: str, with_kl: bool):
+def _ours(backend, with_kl: bool):
     from rlhf_kernels import linear_logprob
 
     def run(x, w, y, xq=None, wq=None):
@@ -96,6 +101,11 @@ def providers(device: str) -> dict[str, Callable]:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
+def model_flops(n: int, h: int, v: int, backward: bool, with_kl: bool) -> float:
+    """Forward 2NHV per LM head read (policy, and reference with KL); backward 4NHV for the policy."""
+    return 2.0 * n * h * v * (2 if with_kl else 1) + (4.0 * n * h * v if backward else 0.0)
+
+
 def measure(fn, inputs, grad_out, backward: bool, device: str, repeats: int) -> tuple[float, float]:
     x, w, y, xq, wq = inputs
 
@@ -123,6 +133,40 @@ def measure(fn, inputs, grad_out, backward: bool, device: str, repeats: int) -> 
     return statistics.median(times), peak
 
 
+# Launch configurations (block_n, block_v, block_h, warps, stages) timed by --sweep for the policy-only
+# Triton provider, beside the table's own choice (rlhf_kernels.launch): the data for revising the table.
+SWEEP = {
+    "sm90": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
+             (128, 64, 64, 4, 4), (128, 128, 64, 4, 4)],
+    "sm80": [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
+}
+
+
+def sweep(inputs, grad_out, repeats: int) -> list[dict]:
+    from rlhf_kernels import launch as L
+    from rlhf_kernels.triton_lm_head import TritonImpl
+
+    family = L.arch_family(L.device_capability(torch.device("cuda")))
+    x, w = inputs[0], inputs[1]
+    n, h, v = x.shape[0], x.shape[1], w.shape[0]
+    rows = []
+    for spec in SWEEP[family]:
+        impl = TritonImpl(config=L.LaunchConfig(*spec))
+        fn = _ours(impl, False)
+        for backward in (False, True):
+            try:
+                ms, mb = measure(fn, inputs, grad_out, backward, "cuda", repeats)
+            except Exception as exc:  # noqa: BLE001 - an unlaunchable candidate is a row, not a crash
+                print(f"config {spec}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            flops = model_flops(n, h, v, backward, with_kl=False)
+            rows.append(dict(family=family, config="x".join(map(str, spec)), **{"pass": "fwd_bwd" if backward else "fwd"},
+                             median_ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                             peak_mem_mb=round(mb, 1)))
+            print(",".join(str(val) for val in rows[-1].values()), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--providers", help="comma-separated subset")
     parser.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/linear_logprob_<device>.csv)")
+    parser.add_argument("--sweep", action="store_true", help="GPU: also time Triton launch-config candidates")
     args = parser.parse_args()
 
     gpu = args.device == "cuda"
@@ -162,12 +207,17 @@ def main() -> None:
     for name, fn in chosen.items():
         for backward in (False, True):
             ms, mb = measure(fn, inputs, grad_out, backward, args.device, args.repeats)
+            flops = model_flops(n, h, v, backward, with_kl=name.endswith("+kl"))
             row = dict(provider=name, dtype=str(dtype).removeprefix("torch."), n_tokens=n, hidden=h, vocab=v,
-                       **{"pass": "fwd_bwd" if backward else "fwd"}, median_ms=round(ms, 2), peak_mem_mb=round(mb, 1))
+                       **{"pass": "fwd_bwd" if backward else "fwd"}, median_ms=round(ms, 2),
+                       tflops=round(flops / (ms * 1e-3) / 1e12, 1), peak_mem_mb=round(mb, 1))
             rows.append(row)
             print(",".join(str(val) for val in row.values()), flush=True)
-    out = args.out or RESULTS / f"linear_logprob_{'cpu' if not gpu else device_name.replace(' ', '_').lower()}.csv"
+    tag = "cpu" if not gpu else device_name.replace(" ", "_").lower()
+    out = args.out or RESULTS / f"linear_logprob_{tag}.csv"
     write_csv(rows, out)
+    if args.sweep and gpu:
+        write_csv(sweep(inputs, grad_out, args.repeats), RESULTS / f"linear_logprob_sweep_{tag}.csv")
     print(f"measured on {device_name}")
 
 

@@ -1,7 +1,10 @@
 """Triton reverse-scan kernel for GAE: one program per BLOCK_B rows, sequential over time."""
 
+import torch
 import triton
 import triton.language as tl
+
+from . import launch as L
 
 
 @triton.jit
@@ -31,3 +34,13 @@ def gae_kernel(
         tl.store(ret_ptr + off, tl.where(valid, a + v, 0.0), mask=ok)
         next_a = tl.where(valid, a, next_a)
         next_v = tl.where(valid, v, next_v)
+
+
+def gae_plan(B: int, T: int, gamma: float = 1.0, lam: float = 0.95) -> L.KernelPlan:
+    """The launch for B rows of T steps (fp32 rewards and values, int8 mask)."""
+    block_b = L.GAE_BLOCK_B_INTERPRET if L.interpreting() else L.GAE_BLOCK_B
+    pointers = {"r_ptr": torch.float32, "v_ptr": torch.float32, "m_ptr": torch.int8, "adv_ptr": torch.float32,
+                "ret_ptr": torch.float32}
+    options = {} if L.interpreting() else {"num_warps": L.GAE_WARPS}
+    return L.KernelPlan(gae_kernel, (triton.cdiv(B, block_b),), pointers, dict(B=B, T=T, gamma=gamma, lam=lam),
+                        dict(BLOCK_B=block_b), options)

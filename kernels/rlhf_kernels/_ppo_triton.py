@@ -8,11 +8,11 @@ is 0; elsewhere it is -A r. Written with tl.exp only (no libdevice), so it also 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import launch as L
 
 
 @triton.jit
@@ -73,6 +73,19 @@ def _ppo_token_kernel(
     tl.store(g_logp_ptr + offs, w * g_logp, mask=ok)
 
 
+def ppo_plan(N: int, dtype: torch.dtype, kl_mode: int, has_ent: bool, has_dual: bool, eps_low: float = 0.2,
+             eps_high: float = 0.2, dual_clip: float = 0.0, ent_coef: float = 0.0, kl_coef: float = 0.0) -> L.KernelPlan:
+    """The launch for N tokens whose inputs are ``dtype`` (outputs fp32, the clipped flag int8)."""
+    block = L.PPO_BLOCK_INTERPRET if L.interpreting() else L.PPO_BLOCK
+    names_in = ("logp_ptr", "old_ptr", "adv_ptr", "w_ptr", "ref_ptr", "kl_ptr", "ent_ptr")
+    names_out = ("loss_ptr", "pg_ptr", "klterm_ptr", "g_logp_ptr", "g_kl_ptr", "g_ent_ptr")
+    pointers = {**{n: dtype for n in names_in}, **{n: torch.float32 for n in names_out}, "clipped_ptr": torch.int8}
+    scalars = dict(N=N, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ent_coef=ent_coef, kl_coef=kl_coef)
+    constexprs = dict(KL_MODE=kl_mode, HAS_ENT=has_ent, HAS_DUAL=has_dual, BLOCK=block)
+    options = {} if L.interpreting() else {"num_warps": L.PPO_WARPS}
+    return L.KernelPlan(_ppo_token_kernel, (triton.cdiv(N, block),), pointers, scalars, constexprs, options)
+
+
 def launch_ppo_token_kernel(logp, old_logp, adv, w, ref_logp, kl, entropy, eps_low, eps_high, dual_clip,
                             ent_coef, kl_coef, kl_mode):
     """Returns (w l, pg, clipped int8, kl term, d/d logp, d/d kl, d/d entropy), each (N,) fp32."""
@@ -80,12 +93,11 @@ def launch_ppo_token_kernel(logp, old_logp, adv, w, ref_logp, kl, entropy, eps_l
     f32 = dict(dtype=torch.float32, device=logp.device)
     loss, pg, kl_term, g_logp, g_kl, g_ent = (torch.empty(N, **f32) for _ in range(6))
     clipped = torch.empty(N, dtype=torch.int8, device=logp.device)
-    block = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
-    _ppo_token_kernel[(triton.cdiv(N, block),)](
-        logp, old_logp, adv, w, ref_logp if ref_logp is not None else logp, kl if kl is not None else logp,
-        entropy if entropy is not None else logp,
-        loss, pg, clipped, kl_term, g_logp, g_kl, g_ent,
-        N, eps_low, eps_high, dual_clip if dual_clip is not None else 0.0, ent_coef, kl_coef,
-        KL_MODE=kl_mode, HAS_ENT=entropy is not None and ent_coef != 0, HAS_DUAL=dual_clip is not None, BLOCK=block,
-    )
+    plan = ppo_plan(N, logp.dtype, kl_mode, has_ent=entropy is not None and ent_coef != 0,
+                    has_dual=dual_clip is not None, eps_low=eps_low, eps_high=eps_high,
+                    dual_clip=dual_clip if dual_clip is not None else 0.0, ent_coef=ent_coef, kl_coef=kl_coef)
+    plan.run(dict(logp_ptr=logp, old_ptr=old_logp, adv_ptr=adv, w_ptr=w,
+                  ref_ptr=ref_logp if ref_logp is not None else logp, kl_ptr=kl if kl is not None else logp,
+                  ent_ptr=entropy if entropy is not None else logp, loss_ptr=loss, pg_ptr=pg, clipped_ptr=clipped,
+                  klterm_ptr=kl_term, g_logp_ptr=g_logp, g_kl_ptr=g_kl, g_ent_ptr=g_ent))
     return loss, pg, clipped, kl_term, g_logp, g_kl, g_ent

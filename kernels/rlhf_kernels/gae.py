@@ -10,8 +10,6 @@ torch loops over T with rows vectorized; the Triton kernel gives each program BL
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -31,16 +29,13 @@ def _gae_torch(rewards, values, mask, gamma, lam):
 
 
 def _gae_triton(rewards, values, mask, gamma, lam):
-    import triton
-
-    from ._gae_triton import gae_kernel
+    from ._gae_triton import gae_plan  # triton is imported only when this backend runs
 
     B, T = rewards.shape
     r, v = rewards.float().contiguous(), values.float().contiguous()
     m = mask.to(torch.int8).contiguous()
     adv, ret = torch.empty_like(r), torch.empty_like(r)
-    block_b = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
-    gae_kernel[(triton.cdiv(B, block_b),)](r, v, m, adv, ret, B, T, gamma, lam, BLOCK_B=block_b)
+    gae_plan(B, T, gamma, lam).run(dict(r_ptr=r, v_ptr=v, m_ptr=m, adv_ptr=adv, ret_ptr=ret))
     return adv, ret
 
 

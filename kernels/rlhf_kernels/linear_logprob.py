@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .chunked import ChunkedImpl
+from .launch import device_capability
 from .state import ZP, dz_coefficients, finalize, merge_across_ranks
 from .types import LogprobOutput
 
@@ -41,11 +42,13 @@ def _triton_available() -> bool:
 
 
 def resolve_impl(backend: Any, device: torch.device):
-    """'auto' (Triton on CUDA, chunked torch elsewhere), 'triton', 'chunked', or an implementation object."""
+    """'auto' (Triton on CUDA sm_80 or newer, chunked torch elsewhere), 'triton', 'chunked', or an
+    implementation object."""
     if not isinstance(backend, str):
         return backend
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_available() else "chunked"
+        tensor_cores = device.type == "cuda" and device_capability(device) >= 80
+        backend = "triton" if tensor_cores and _triton_available() else "chunked"
     if backend == "triton":
         from .triton_lm_head import TritonImpl
 
