@@ -90,9 +90,9 @@ def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int,
         if step == 1:
             mem.__enter__()
         t0 = time.perf_counter()
-        batches = stream.take(1)
-        train_step(model, optimizer, scheduler, batches, objective, cfg.optim.grad_clip,
-                   num_targets=stream.step_totals[0])
+        batch = stream.next_step()
+        train_step(model, optimizer, scheduler, batch.micro_batches, objective, cfg.optim.grad_clip,
+                   totals=batch.totals)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0

@@ -22,9 +22,11 @@ import argparse
 import json
 import sys
 
+from .catalog import commands
 from .config import ConfigError, load_config, to_yaml
 from .data.reader import DataError
 from .parallel.dims import LayoutError
+from .stages import runner
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -32,47 +34,24 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(name: str):
-    """The function running the stage for ``algorithm.name``."""
-    if name == "sft":
-        from .stages.sft import run_sft
-
-        return run_sft
-    if name == "dpo":
-        from .stages.dpo import run_dpo
-
-        return run_dpo
-    if name in RL_COMMAND:
-        from .stages.rl import run_rl
-
-        return run_rl
-    from .stages.reward import run_reward_model
-
-    return run_reward_model
-
-
-# subcommand -> the algorithm names it runs (the first is set when the recipe names none)
-RL_COMMAND = ("ppo", "grpo", "rloo", "reinforce_pp", "a2c")
-COMMANDS = {"sft": ("sft",), "rm": ("rm", "sparrow", "rules"), "dpo": ("dpo",), "rl": RL_COMMAND}
-
-
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.command in COMMANDS:
-        allowed = COMMANDS[args.command]
+    if args.command != "train":  # a stage subcommand: the recipe's algorithm must be one it runs
+        allowed = commands()[args.command]
         if cfg.algorithm.name not in allowed:
             if cfg.algorithm.name != "sft":
                 raise ConfigError(f"{args.config}: algorithm.name is {cfg.algorithm.name!r}; "
                                   f"'rlhf-engine {args.command}' runs {', '.join(allowed)} (use 'rlhf-engine train')")
             cfg = load_config(args.config, [f"algorithm.name={allowed[0]}", *args.overrides])
-    summary = _stage(cfg.algorithm.name)(cfg)
+    summary = runner(cfg.algorithm.name)(cfg)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _iterate(args: argparse.Namespace) -> int:
+    # lazy: each command imports only what it runs, so --help and config show start without torch
     from .labelers import LabelsPending
-    from .stages.iterate import run_iterated
+    from .stages.iterate import run_iterated  # lazy (see _iterate)
 
     try:
         summary = run_iterated(load_config(args.config, args.overrides))
@@ -84,11 +63,9 @@ def _iterate(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .stages.pipeline import run_pipeline
+    from .stages.pipeline import quickstart_config, run_pipeline  # lazy: see _iterate
 
     if args.command == "quickstart":
-        from .stages.pipeline import quickstart_config
-
         cfg = quickstart_config([f"trainer.out_dir={args.out}", *args.overrides])
     else:
         cfg = load_config(args.config, args.overrides)
@@ -101,8 +78,8 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from .data.indexed import preprocess
-    from .models import load_tokenizer
+    from .data.indexed import preprocess  # lazy: see _iterate
+    from .models import load_tokenizer  # lazy: see _iterate
 
     n = preprocess(args.input, args.output_prefix, load_tokenizer(args.tokenizer))
     print(f"wrote {n} documents to {args.output_prefix}.bin / .idx")
@@ -110,7 +87,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .parallel.plan import format_plan, plan
+    from .parallel.plan import format_plan, plan  # lazy: see _iterate
 
     result = plan(load_config(args.config, args.overrides), args.world_size, args.gpu_memory_gb)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
@@ -131,13 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-5")
     show.set_defaults(func=_config_show)
 
-    stages = {
-        "train": "run the stage that the recipe's algorithm.name names",
+    rl_names = commands()["rl"]
+    stage_help = {
         "sft": "supervised fine-tuning on chat demonstrations (assistant tokens only) or plain text",
         "rm": "reward model: InstructGPT ranking RM (or algorithm.name=sparrow / rules)",
         "dpo": "offline preference optimisation: DPO, conservative DPO, IPO",
-        "rl": "online RL: PPO (+ptx), GRPO / Dr. GRPO, RLOO, REINFORCE++, A2C (algorithm.name; default ppo)",
+        "rl": f"online RL: {', '.join(rl_names)} (algorithm.name; default {rl_names[0]})",
     }
+    stages = {"train": "run the stage that the recipe's algorithm.name names",
+              **{c: stage_help.get(c, f"train {', '.join(names)}") for c, names in commands().items()}}
     for command, text in stages.items():
         stage = sub.add_parser(command, help=text)
         stage.add_argument("--config", required=True, help="YAML recipe, e.g. configs/sft_tiny.yaml")

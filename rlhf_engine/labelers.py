@@ -22,19 +22,15 @@ from typing import Protocol, Sequence
 import torch
 
 from .config import RunConfig
+from .data.preference import parse_ranking, scores_to_ranking
 from .data.prompts import PromptRow
+from .data.reader import read_rows
+from .models import load_hf_model, load_tokenizer
 from .rewards import REWARD_FUNCTIONS
 
 
 class LabelsPending(RuntimeError):
     """Human labels are needed before the run can continue."""
-
-
-def scores_to_ranking(scores: Sequence[float], decimals: int = 6) -> list[int]:
-    """Dense ranks, 1 = highest score; scores equal after rounding tie."""
-    rounded = [round(float(s), decimals) for s in scores]
-    order = sorted(set(rounded), reverse=True)
-    return [order.index(s) + 1 for s in rounded]
 
 
 class Labeler(Protocol):
@@ -61,8 +57,6 @@ class ProgrammaticLabeler:
 
 class ModelLabeler:
     def __init__(self, model_path: str, template: str, device: str | torch.device = "cpu") -> None:
-        from .models import load_hf_model, load_tokenizer
-
         self.model = load_hf_model(model_path).to(device).eval()
         self.tok = load_tokenizer(model_path)
         self.template, self.device = template, device
@@ -94,9 +88,6 @@ class FileLabeler:
                     f.write(json.dumps({"prompt": prompt, "responses": list(ys)}) + "\n")
             raise LabelsPending(f"rank the responses in {todo} and write them, with a 'ranking' per row "
                                 f"(1 = best, docs/data.md), to {labels}; then run the same command again")
-        from .data.preference import parse_ranking
-        from .data.reader import read_rows
-
         ranked = read_rows(labels, parse_ranking)
         if len(ranked) != len(rows):
             raise LabelsPending(f"{labels} has {len(ranked)} rows; {len(rows)} were asked for in to_label.jsonl")

@@ -25,10 +25,10 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 
 def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import and only the report draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy (see above): after choosing the headless backend
 
     made = []
     rl = _records(out / "rl" / "metrics.jsonl")

@@ -22,9 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .algorithms.registry import Registry
+from .registry import Registry
 from .config import RewardConfig
 from .data.preference import Sequences, pack_sequences
+from .data.task import gold_score
 from .models.score import ScoreModel, load_score_model
 
 RewardFn = Callable[[str, str, "str | None"], float]
@@ -63,8 +64,6 @@ def answer_f1(prompt: str, response: str, answer: str | None) -> float:
 @REWARD_FUNCTIONS.register("quickstart_gold")
 def quickstart_gold(prompt: str, response: str, answer: str | None) -> float:
     """The quickstart task's hidden gold scorer (``data/task.py``); logged with weight 0 to watch over-optimisation."""
-    from .data.task import gold_score
-
     return gold_score(prompt, response)
 
 

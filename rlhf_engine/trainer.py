@@ -1,15 +1,15 @@
 """The algorithm-agnostic training loop shared by every stage.
 
-    stream = BatchStream(plan_epoch, build)             # resumable, seeded micro-batch order
-    trainer = Trainer(cfg, rt, model, objective, stream, name="dpo", eval_batches=held_out)
+    source = GlobalSteps(BatchStream(plan_epoch, build), grad_accum, dp, dp_rank)   # or ExperienceStream
+    trainer = Trainer(cfg, rt, model, objective, source, name="dpo", eval_batches=held_out)
     result = trainer.fit()                               # resumes from <out_dir>/checkpoints if asked
 
-An *objective* is ``loss_fn(model, micro_batch, num_targets) -> (loss, stats)``: the loss of the
-micro-batch already divided by the number of targets in the whole optimizer step (tokens for SFT, pairs
-for a ranking RM or DPO, prompts for a pick-one-of-N model) across micro-batches and data-parallel
-ranks, so gradient accumulation is a plain sum of backward passes. ``stats`` are per-target *sums*
-(e.g. correct pairs); the trainer adds them over micro-batches and ranks and reports their global mean.
-Batches are typed dataclasses exposing ``num_targets``, ``num_tokens`` and ``to(device)``.
+The trainer consumes a ``StepSource``: each ``next_step()`` is this rank's micro-batches and the
+step's ``StepTotals`` over every rank (``data/streams.py``). An ``Objective`` (``algorithms/objective.py``)
+turns a micro-batch into its loss, already divided by those totals, so gradient accumulation and data
+parallelism are plain sums of backward passes, and into stat *sums* that the trainer adds over
+micro-batches and ranks and divides by the total each names. Parameter groups with their own peak
+learning rate (the RL critic, adapters) are passed in by the stage (``ParamGroup``).
 
 The trainer owns everything else: the AdamW optimizer and LR schedule (warmup + cosine/linear), gradient
 accumulation and clipping, evaluation (the same objective, no gradients), metrics (loss, per-objective
@@ -28,51 +28,72 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from .algorithms.objective import Objective
 from .config import OptimConfig, RunConfig
+from .data.streams import Batch, Step, StepTotals
 from .parallel.checkpoint import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from .parallel.fp8 import fp8_metrics
 from .parallel.runtime import Runtime
 
-
-class Batch(Protocol):
-    @property
-    def num_targets(self) -> int: ...
-
-    @property
-    def num_tokens(self) -> int: ...
-
-    def to(self, device: torch.device | str) -> "Batch": ...
-
-
 B = TypeVar("B", bound=Batch)
-P = TypeVar("P")
-LossFn = Callable[[nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+class StepSource(Protocol[B]):
+    """What the trainer consumes: steps, and the position to checkpoint and restore."""
+
+    def next_step(self) -> Step[B]:
+        """This rank's micro-batches of the next optimizer step, and the step's totals over all ranks."""
+
+    def after_step(self, record: dict[str, float]) -> dict[str, float]:
+        """Sees the step's global metrics; returns extra metrics to log with it (e.g. a rollout's)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global position (the same on every rank), saved in the checkpoint's progress record."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def rank_state(self) -> dict[str, Any] | None:
+        """This rank's own state (e.g. its rollout buffer), saved beside the checkpoint; None: nothing."""
+
+    def load_rank_state(self, state: dict[str, Any] | None) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+@dataclass(frozen=True)
+class ParamGroup:
+    """Trainable parameters whose qualified name ``match``es get their own peak ``lr`` (same schedule)."""
+
+    name: str
+    match: Callable[[str], bool]
+    lr: float
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: Sequence[ParamGroup] = ()) -> torch.optim.AdamW:
     """AdamW; weight decay on parameters with ndim >= 2 only (norm gains and biases are not decayed).
-    ``optim.critic_lr``: the RL critic head's parameters (``heads.critic.*``) get their own peak rate."""
+    Parameters matched by none of ``groups`` train at ``optim.lr``; each group at its own rate."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
-    groups = []
-    for critic in (False, True):
-        mine = [p for n, p in named if ("heads.critic." in n and cfg.critic_lr is not None) == critic]
-        lr = cfg.critic_lr if critic else cfg.lr
+    owner = [next((i for i, g in enumerate(groups) if g.match(n)), -1) for n, _ in named]
+    out = []
+    for i in range(-1, len(groups)):
+        mine = [p for (_, p), o in zip(named, owner) if o == i]
+        lr = cfg.lr if i < 0 else groups[i].lr
         for decay in (True, False):
             params = [p for p in mine if (p.ndim >= 2) == decay]
             if params:
-                groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+                out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
+    return torch.optim.AdamW(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -96,25 +117,25 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     micro_batches: Sequence[Any],
-    loss_fn: LossFn,
+    objective: Objective,
     grad_clip: float | None,
     *,
-    num_targets: int | None = None,
+    totals: StepTotals | None = None,
     loss_scale: float = 1.0,
 ) -> dict[str, float]:
     """Accumulate gradients over ``micro_batches``, clip, step; returns this rank's sums and the step's
     grad norm and LR.
 
-    ``num_targets``: targets in the whole step across data-parallel ranks (default: these micro-batches).
+    ``totals``: the step's totals across data-parallel ranks (default: of these micro-batches).
     ``loss_scale``: multiplies each loss before backward; the data-parallel degree under FSDP, which
     averages gradients over ranks while the loss is already a global mean.
     """
     model.train()
-    if num_targets is None:
-        num_targets = sum(mb.num_targets for mb in micro_batches)
+    if totals is None:
+        totals = StepTotals.of(micro_batches)
     loss_total, stats_total = 0.0, {}
     for mb in micro_batches:
-        loss, stats = loss_fn(model, mb, num_targets)
+        loss, stats = objective(model, mb, totals)
         (loss * loss_scale).backward()
         loss_total += loss.item()
         for k, v in stats.items():
@@ -145,44 +166,6 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
         for grads in groups.values():
             torch._foreach_mul_(grads, coef)
     return total
-
-
-# ---------------------------------------------------------------------------------------------- data order
-
-
-class BatchStream(Generic[P, B]):
-    """An endless, deterministic stream of micro-batches whose position can be saved and restored.
-
-    ``plan_epoch(epoch)`` returns the epoch's micro-batch plans (cheap: index lists, from a shuffle
-    seeded by the epoch); ``build(plan)`` materializes one batch. The position is (epoch, index), so a
-    resumed run rebuilds the epoch's plan and continues from the same micro-batch. Every rank generates
-    the same global stream and takes its share (``Trainer``).
-    """
-
-    def __init__(self, plan_epoch: Callable[[int], Sequence[P]], build: Callable[[P], B]) -> None:
-        self.plan_epoch, self.build = plan_epoch, build
-        self.epoch, self.index = 0, 0
-        self._plans: Sequence[P] | None = None
-
-    def take(self, n: int) -> list[B]:
-        out = []
-        while len(out) < n:
-            if self._plans is None:
-                self._plans = self.plan_epoch(self.epoch)
-                if not self._plans:
-                    raise ValueError("the training data yields no micro-batch (fewer rows than micro_batch_size?)")
-            if self.index >= len(self._plans):
-                self.epoch, self.index, self._plans = self.epoch + 1, 0, None
-                continue
-            out.append(self.build(self._plans[self.index]))
-            self.index += 1
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index, self._plans = int(state["epoch"]), int(state["index"]), None
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -230,8 +213,6 @@ class RunLog:
         self.tb = _tensorboard(out / "tb", first_step) if enabled and cfg.logging.tensorboard else None
         self.bar = None
         if enabled and cfg.logging.progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=cfg.trainer.max_steps, initial=first_step, desc=stage, unit="step")
 
     def write(self, step: int, record: dict[str, Any], echo: bool | None = None) -> None:
@@ -258,7 +239,7 @@ class RunLog:
 
 def _tensorboard(path: Path, first_step: int):
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: a trimmed environment trains without it
     except ImportError:  # tensorboard is a dependency; a trimmed environment still trains
         warnings.warn("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)", stacklevel=3)
         return None
@@ -277,11 +258,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer(Generic[B]):
-    """Steps ``model`` on ``objective`` over ``stream`` (see the module docstring).
+    """Steps ``model`` on ``objective`` over ``source`` (see the module docstring).
 
     ``eval_batches``: held-out micro-batches, evaluated by every rank with the same objective at step 0,
     every ``trainer.eval_every`` steps and at the end. ``evaluate``: an extra hook returning more
-    held-out metrics (e.g. generation samples, accuracy on another set).
+    held-out metrics (e.g. generation samples, accuracy on another set). ``param_groups``: parameters
+    with their own peak learning rate.
     """
 
     def __init__(
@@ -289,20 +271,21 @@ class Trainer(Generic[B]):
         cfg: RunConfig,
         rt: Runtime,
         model: nn.Module,
-        objective: LossFn,
-        stream: BatchStream[Any, B],
+        objective: Objective,
+        source: StepSource[B],
         *,
         name: str,
         eval_batches: Sequence[B] = (),
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        param_groups: Sequence[ParamGroup] = (),
     ) -> None:
-        self.cfg, self.rt, self.model, self.objective, self.stream = cfg, rt, model, objective, stream
+        self.cfg, self.rt, self.model, self.objective, self.source = cfg, rt, model, objective, source
         self.name = name
         self.eval_batches = list(eval_batches)
         self.extra_eval = evaluate
         self.out = Path(cfg.trainer.out_dir)
         self.ckpt_dir = self.out / "checkpoints" / name
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.optimizer = build_optimizer(model, cfg.optim, param_groups)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.step = 0
         self.tokens = 0
@@ -311,11 +294,10 @@ class Trainer(Generic[B]):
 
     def save(self) -> Path:
         """Collective: model, optimizer, RNG (DCP, atomic) and the schedule, data position and counters."""
-        progress = {"stage": self.name, "tokens": self.tokens, "stream": self.stream.state_dict(),
+        progress = {"stage": self.name, "tokens": self.tokens, "stream": self.source.state_dict(),
                     "scheduler": self.scheduler.state_dict()}
-        rank_state = self.stream.rank_state() if hasattr(self.stream, "rank_state") else None
         path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, progress=progress,
-                               rank_state=rank_state)
+                               rank_state=self.source.rank_state())
         self._prune()
         return path
 
@@ -340,27 +322,29 @@ class Trainer(Generic[B]):
             raise ValueError(f"{path} is a checkpoint of stage {progress['stage']!r}, not {self.name!r}")
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.scheduler.load_state_dict(progress["scheduler"])
-        self.stream.load_state_dict(progress["stream"])
-        if hasattr(self.stream, "load_rank_state"):
-            self.stream.load_rank_state(load_rank_state(path))
+        self.source.load_state_dict(progress["stream"])
+        self.source.load_rank_state(load_rank_state(path))
         return True
 
     # ------------------------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The objective on the held-out batches: per-target mean loss and stats (``eval_`` prefixed)."""
+        """The objective on the held-out batches: means over the whole held-out set (``eval_`` prefixed)."""
         out: dict[str, float] = {}
         if self.eval_batches:
             self.model.eval()
-            loss = targets = 0.0
-            sums: dict[str, float] = {}
+            totals = StepTotals.of(self.eval_batches)
+            unit = StepTotals.unit(totals)  # the objective then returns sums; divided below
+            loss, sums = 0.0, {}
             for b in self.eval_batches:
-                value, stats = self.objective(self.model, b.to(self.rt.device), 1)  # num_targets=1: sums
-                loss, targets = loss + float(value), targets + b.num_targets
+                value, stats = self.objective(self.model, b.to(self.rt.device), unit)
+                loss += float(value)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
-            out = {"eval_loss": loss / max(targets, 1), **{f"eval_{k}": v / max(targets, 1) for k, v in sums.items()}}
+            mean = lambda v, count: v / max(totals[count], 1)  # noqa: E731
+            out = {"eval_loss": mean(loss, self.objective.target),
+                   **{f"eval_{k}": mean(v, self.objective.count_of(k)) for k, v in sums.items()}}
         if self.extra_eval is not None:
             out.update(self.extra_eval(self.model))
         return out
@@ -379,34 +363,28 @@ class Trainer(Generic[B]):
             log.write(self.step, first_eval)
         if resumed:
             log.write(self.step, {"resumed_from": self.step})
-        per_step = t.grad_accum_steps * rt.dims.dp
         last = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
-        per_rank = getattr(self.stream, "per_rank", False)
-        after_step = getattr(self.stream, "after_step", None)
         while self.step < last:
             t0 = time.perf_counter()  # data making counts: for RL it is the rollout (generation, scoring)
-            if per_rank:  # the stream makes this rank's share and knows the step's global totals
-                mine = [b.to(rt.device) for b in self.stream.take(t.grad_accum_steps)]
-                n_global, step_tokens = self.stream.step_totals
-            else:
-                global_batches = self.stream.take(per_step)
-                mine = [b.to(rt.device) for b in global_batches[rt.dp_rank :: rt.dims.dp]]
-                n_global = sum(b.num_targets for b in global_batches)
-                step_tokens = sum(b.num_tokens for b in global_batches)
+            step = self.source.next_step()
+            mine = [b.to(rt.device) for b in step.micro_batches]
             m = train_step(self.model, self.optimizer, self.scheduler, mine, self.objective, cfg.optim.grad_clip,
-                           num_targets=n_global, loss_scale=rt.loss_scale)
+                           totals=step.totals, loss_scale=rt.loss_scale)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
             elapsed = time.perf_counter() - t0
             sums = rt.sum_over_dp({k: v for k, v in m.items() if k not in ("grad_norm", "lr")})
             self.step += 1
+            step_tokens = int(step.totals["tokens"])
             self.tokens += step_tokens
-            record = {"loss": sums.pop("loss"), **{k: v / max(n_global, 1) for k, v in sums.items()},
-                      "grad_norm": m["grad_norm"], "lr": m["lr"], "targets": n_global,
+            target = step.totals[self.objective.target]
+            record = {"loss": sums.pop("loss"),
+                      **{k: v / max(step.totals[self.objective.count_of(k)], 1) for k, v in sums.items()},
+                      "grad_norm": m["grad_norm"], "lr": m["lr"], "targets": int(target),
                       "tokens_per_s": step_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(rt.device), 1)}
             if cfg.precision.fp8 is not None:
                 record.update(fp8_metrics(self.model))
-            extra = after_step(record) if after_step is not None else {}
+            extra = self.source.after_step(record)
             record.update(extra)
             log.advance(record["loss"])
             if self.step % cfg.logging.log_every == 0 or self.step == last or extra:
@@ -421,4 +399,3 @@ class Trainer(Generic[B]):
             log.write(self.step, final_eval, echo=True)
         return {"step": self.step, "finished": self.step == t.max_steps, "tokens": self.tokens,
                 "first_eval": first_eval, "final_eval": final_eval, "resumed": resumed}
-

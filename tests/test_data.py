@@ -78,7 +78,7 @@ def test_collate_marks_documents_and_padding():
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 0, 0]]
     assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, PAD_DOCUMENT, PAD_DOCUMENT]]
     assert batch.labels.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
-    assert batch.num_targets == 3
+    assert batch.counts() == {"tokens": 5, "targets": 3}
 
 
 def test_builtin_data_is_deterministic_and_answers_are_right():

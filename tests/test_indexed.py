@@ -21,13 +21,14 @@ def corpus(tmp_path_factory):
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = train_bpe_tokenizer([r["text"] for r in rows[:120]], vocab_size=300)
     tok.save_pretrained(d / "tok")
+    # the CLI's preprocessing, once for the module (every test reads its output)
+    assert main(["data", "preprocess", "--input", str(d / "rows.jsonl"), "--output-prefix", str(d / "idx/corpus"),
+                 "--tokenizer", str(d / "tok")]) == 0
     return d, rows, tok
 
 
 def test_preprocess_round_trip(corpus):
     d, rows, tok = corpus
-    assert main(["data", "preprocess", "--input", str(d / "rows.jsonl"), "--output-prefix", str(d / "idx/corpus"),
-                 "--tokenizer", str(d / "tok")]) == 0
     assert is_indexed(d / "idx/corpus") and is_indexed(d / "idx/corpus.bin") and not is_indexed(d / "rows.jsonl")
     docs = read_documents(d / "idx/corpus")
     assert len(docs) == len(rows)
@@ -78,7 +79,7 @@ def test_sft_on_an_indexed_corpus_with_a_token_budget(corpus, tmp_path):
 def test_token_budget_stream_balances_each_step_across_ranks():
     from rlhf_engine.config import load_config
     from rlhf_engine.data.packing import Example
-    from rlhf_engine.stages.sft import sft_stream
+    from rlhf_engine.data.demonstrations import sft_stream
 
     rng = np.random.default_rng(0)
     examples = [Example([1] * int(n), [1] * int(n)) for n in rng.integers(4, 64, size=400)]

@@ -11,7 +11,8 @@ from rlhf_engine.config import load_config
 from rlhf_engine.data.builtin import demo_conversations
 from rlhf_engine.data.prompts import PromptRow
 from rlhf_engine.data.tokenizer import train_bpe_tokenizer
-from rlhf_engine.labelers import FileLabeler, LabelsPending, ProgrammaticLabeler, scores_to_ranking
+from rlhf_engine.data.preference import scores_to_ranking
+from rlhf_engine.labelers import FileLabeler, LabelsPending, ProgrammaticLabeler
 from rlhf_engine.models import load_hf_model, save_hf_model
 from rlhf_engine.models.transformer import Transformer, TransformerConfig
 from rlhf_engine.rewards import REWARD_FUNCTIONS

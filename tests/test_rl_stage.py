@@ -155,7 +155,7 @@ def test_reward_model_on_the_shared_trunk_becomes_the_reward_head_and_initialise
     out = roles(ids, roles={Role.REWARD})
     torch.testing.assert_close(out.rewards - 0.5, rm(ids)[..., 0])
 
-    from rlhf_engine.stages.rl import shares_trunk
+    from rlhf_engine.rollout.assembly import shares_trunk
 
     assert shares_trunk(rm, sft, 1) and not shares_trunk(rm, sft, 2)
     other = Transformer(cfg)
@@ -169,7 +169,7 @@ def test_reward_head_on_the_shared_trunk_scores_like_the_separate_reward_model(t
     rewards equal those of the same RM run as a separate model (the path for an RM on another trunk)."""
     from rlhf_engine.data.builtin import demo_conversations
     from rlhf_engine.data.tokenizer import train_bpe_tokenizer
-    from rlhf_engine.stages import rl
+    from rlhf_engine.rollout import assembly
 
     tok = train_bpe_tokenizer([m["content"] for r in demo_conversations(200) for m in r["messages"]], vocab_size=512)
     tok.save_pretrained(tmp_path / "tok")
@@ -183,7 +183,7 @@ def test_reward_head_on_the_shared_trunk_scores_like_the_separate_reward_model(t
     args = ["reward.functions={}", f"reward.preference_path={tmp_path / 'rm'}", f"model.tokenizer_path={tmp_path / 'tok'}",
             "trainer.max_steps=2"]
     shared = run_rl(_config(tmp_path, "ppo", *args, f"trainer.out_dir={tmp_path / 'shared'}"))
-    monkeypatch.setattr(rl, "shares_trunk", lambda *a: False)
+    monkeypatch.setattr(assembly, "shares_trunk", lambda *a: False)
     separate = run_rl(_config(tmp_path, "ppo", *args, f"trainer.out_dir={tmp_path / 'separate'}"))
     assert shared["reward_model_on_shared_trunk"] and not separate["reward_model_on_shared_trunk"]
     assert abs(shared["eval_reward_initial"]) > 0.01

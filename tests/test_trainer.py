@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from rlhf_engine.config import load_config
 from rlhf_engine.stages.sft import run_sft
-from rlhf_engine.trainer import BatchStream, lr_factor
+from rlhf_engine.data.streams import BatchStream
+from rlhf_engine.trainer import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.architecture.hidden_size=32", "model.architecture.intermediate_size=64",

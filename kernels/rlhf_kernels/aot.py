@@ -127,6 +127,8 @@ def plans(arch: int, shape: str, dtype: torch.dtype) -> list[tuple[str, L.Kernel
     modes = [(k, True, True) for k in range(5)] + [(0, False, False)] if dtype == torch.float32 else [(3, True, True)]
     for kl_mode, ent, dual in modes:
         out.append((f"ppo kl={kl_mode}{' +ent+dual' if ent else ''}", ppo_plan(N, dtype, kl_mode, ent, dual)))
+    if dtype == torch.float32:  # the optional KL and log-ratio clamps (verl / OpenRLHF conventions)
+        out.append(("ppo kl=3 +clamps", ppo_plan(N, dtype, 3, True, True, kl_clamp=10.0, lr_clamp=20.0)))
     if dtype == torch.float32:
         out.append(("gae", gae_plan(N // 1024, 1024)))  # 16 rows of 1024 steps
     return out

@@ -36,17 +36,26 @@ class PolicyLossOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]  # scalars, detached: pg_loss, clip_fraction, approx_kl, ratio_mean, ...
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, *, clamp: float | None = None,
+                log_ratio_clamp: float | None = None) -> torch.Tensor:
     """Sampled per-token KL(pi || ref) estimators at tokens drawn from pi; d = logp - ref_logp.
-    k1 = d (unbiased, high variance), k2 = d^2/2, k3 = e^(-d) - 1 + d (unbiased, >= 0)."""
+    k1 = d (unbiased, high variance), k2 = d^2/2, k3 = e^(-d) - 1 + d (unbiased, >= 0).
+
+    Optional clamps, off by default (and then the estimators are exact as written): ``log_ratio_clamp``
+    bounds d to [-c, c] before the estimator (verl uses 20 for k3, keeping e^(-d) finite), ``clamp``
+    bounds the estimate to [-c, c] (verl and OpenRLHF use 10). Clamped tokens pass no gradient."""
     d = logp - ref_logp
+    if log_ratio_clamp is not None:
+        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
     if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.expm1(-d) + d
-    raise ValueError(f"unknown sampled KL estimator {estimator!r}; expected k1, k2 or k3")
+        est = d
+    elif estimator == "k2":
+        est = 0.5 * d * d
+    elif estimator == "k3":
+        est = torch.expm1(-d) + d
+    else:
+        raise ValueError(f"unknown sampled KL estimator {estimator!r}; expected k1, k2 or k3")
+    return est if clamp is None else est.clamp(-clamp, clamp)
 
 
 def aggregation_weights(
@@ -113,6 +122,8 @@ def ppo_policy_loss(
     kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: KLEstimator = "k3",
+    kl_clamp: float | None = None,
+    log_ratio_clamp: float | None = None,
     aggregation: Aggregation = "token_mean",
     normalizer: float | None = None,
     weights: torch.Tensor | None = None,
@@ -121,7 +132,8 @@ def ppo_policy_loss(
     """Clipped-surrogate PPO loss with optional dual clip, KL penalty and entropy bonus (see module doc).
 
     ``weights`` (B, T), when given, are the w_t themselves (zero off the mask) and replace ``aggregation``:
-    a trainer normalising by totals over micro-batches and ranks passes them."""
+    a trainer normalising by totals over micro-batches and ranks passes them. ``kl_clamp`` and
+    ``log_ratio_clamp`` apply to the sampled estimators (``kl_estimate``); both default off."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     if entropy_coef != 0 and entropy is None:
@@ -133,7 +145,7 @@ def ppo_policy_loss(
         backend = "triton" if logp.is_cuda else "torch"
     if backend == "triton":
         return _ppo_triton(logp, old_logp, advantages, mask, w, clip_eps, eps_high, dual_clip, entropy,
-                           entropy_coef, ref_logp, kl, kl_coef, est)
+                           entropy_coef, ref_logp, kl, kl_coef, est, kl_clamp, log_ratio_clamp)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}")
     ratio = torch.exp(logp - old_logp.detach())
@@ -146,7 +158,8 @@ def ppo_policy_loss(
     per_token = pg
     kl_term = None
     if est is not None:
-        kl_term = kl if est == "exact" else kl_estimate(logp, ref_logp.detach(), est)
+        kl_term = kl if est == "exact" else kl_estimate(logp, ref_logp.detach(), est, clamp=kl_clamp,
+                                                         log_ratio_clamp=log_ratio_clamp)
         per_token = per_token + kl_coef * kl_term
     if entropy_coef != 0:
         per_token = per_token - entropy_coef * entropy
@@ -191,10 +204,10 @@ def value_loss(
 
 
 def _ppo_triton(logp, old_logp, advantages, mask, w, eps_low, eps_high, dual_clip, entropy, entropy_coef,
-                ref_logp, kl, kl_coef, est):
+                ref_logp, kl, kl_coef, est, kl_clamp=None, log_ratio_clamp=None):
     shape = logp.shape
     flat = [t.reshape(-1).contiguous() if t is not None else None for t in (logp, old_logp, advantages, w, ref_logp, kl, entropy)]
-    fn_args = (eps_low, eps_high, dual_clip, entropy_coef, kl_coef, _KL_MODE[est])
+    fn_args = (eps_low, eps_high, dual_clip, entropy_coef, kl_coef, _KL_MODE[est], kl_clamp, log_ratio_clamp)
     loss, per_token_pg, clipped, kl_term = _FusedPPO.apply(*flat, *fn_args)
     kl_view = kl_term.view(shape) if est is not None else None
     metrics = _metrics(per_token_pg.view(shape), clipped.view(shape).bool(), logp, old_logp, mask, w, kl_view, entropy)
@@ -206,11 +219,12 @@ class _FusedPPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, adv, w, ref_logp, kl, entropy, eps_low, eps_high, dual_clip, ent_coef,
-                kl_coef, kl_mode):
-        from ._ppo_triton import launch_ppo_token_kernel
+                kl_coef, kl_mode, kl_clamp, log_ratio_clamp):
+        from ._ppo_triton import launch_ppo_token_kernel  # triton is imported only when this path runs
 
         loss_t, pg, clipped, kl_term, g_logp, g_kl, g_ent = launch_ppo_token_kernel(
-            logp, old_logp, adv, w, ref_logp, kl, entropy, eps_low, eps_high, dual_clip, ent_coef, kl_coef, kl_mode)
+            logp, old_logp, adv, w, ref_logp, kl, entropy, eps_low, eps_high, dual_clip, ent_coef, kl_coef, kl_mode,
+            kl_clamp, log_ratio_clamp)
         ctx.save_for_backward(g_logp, g_kl, g_ent)
         ctx.has = (kl_mode == 4, entropy is not None and ent_coef != 0)  # the kernel writes only these
         ctx.mark_non_differentiable(pg, clipped, kl_term)
@@ -221,4 +235,4 @@ class _FusedPPO(torch.autograd.Function):
         g_logp, g_kl, g_ent = ctx.saved_tensors
         has_kl, has_ent = ctx.has
         return (g_logp * g_loss, None, None, None, None, g_kl * g_loss if has_kl else None,
-                g_ent * g_loss if has_ent else None) + (None,) * 6
+                g_ent * g_loss if has_ent else None) + (None,) * 8

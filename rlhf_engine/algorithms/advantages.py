@@ -19,9 +19,11 @@ them (identity in one process), so every rank whitens with the same global mean 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+from rlhf_kernels import gae
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -114,6 +116,59 @@ def nstep_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
         ret[i, idx] = R
         adv[i, idx] = R - v
     return adv, ret
+
+
+# ---------------------------------------------------------------------------------------------- estimators
+# One per catalog entry (``catalog.RL_ALGORITHMS``): AdvantageInputs -> (advantages (N, T), returns or None),
+# before the optional whitening and the final masking, which ``rl.advantages`` applies to all.
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    scores: torch.Tensor  # (N,) sequence scores (clipped / whitened as configured)
+    kl: torch.Tensor  # (N, T) per-token KL estimate at collection
+    mask: torch.Tensor  # (N, T) response tokens
+    values: torch.Tensor | None  # (N, T) critic values at collection (critic algorithms)
+    kl_coef: float  # beta where the KL goes in the reward; 0 when it goes in the loss
+    cfg: Any  # config.RLConfig: gamma, lam, n_step, group, dr_grpo, ...
+    reduce: Reduce = _local
+
+
+def gae_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO: GAE(gamma, lambda) over the KL-shaped per-token rewards."""
+    rewards = shaped_rewards(x.scores, x.kl, x.mask, x.kl_coef)  # (N, T)
+    return gae(rewards, x.values, x.mask, x.cfg.gamma, x.cfg.lam)
+
+
+def a2c_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A2C: n-step returns bootstrapped from the critic, minus the value."""
+    rewards = shaped_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    return nstep_advantages(rewards, x.values, x.mask, x.cfg.gamma, x.cfg.n_step)
+
+
+def reinforce_pp_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """REINFORCE++: the discounted return of the KL-shaped rewards (whitened over the batch afterwards)."""
+    rewards = shaped_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    return discounted_returns(rewards, x.mask, x.cfg.gamma), None
+
+
+def _sequence_scores(x: AdvantageInputs) -> torch.Tensor:
+    """(N,) scores minus the sequence-level KL penalty beta * sum_t kl_t (when the KL is in the reward)."""
+    seq = x.scores.float()
+    if x.kl_coef:
+        seq = seq - x.kl_coef * (x.kl.float() * x.mask.float()).sum(dim=1)
+    return seq
+
+
+def grpo_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """GRPO: the group-normalised score on every token (Dr. GRPO: centred, not scaled)."""
+    seq_adv = group_advantages(_sequence_scores(x), x.cfg.group, scale=not x.cfg.dr_grpo)
+    return seq_adv[:, None] * x.mask.float(), None
+
+
+def rloo_sequence_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """RLOO: the score minus the mean of the group's other scores, on every token."""
+    return rloo_advantages(_sequence_scores(x), x.cfg.group)[:, None] * x.mask.float(), None
 
 
 class KLController:

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import PairBatch
+from ..data.streams import StepTotals
 from ..models.roles import Role, RoleModel
-from .registry import Registry
+from ..registry import Registry
+from .objective import Objective
 
 DPO_LOSSES: Registry = Registry("DPO loss")
 
@@ -47,10 +49,10 @@ def ipo_loss(d_w, d_l, n_w, n_l, *, beta: float, label_smoothing: float = 0.0) -
     return ((d_w / n_w.clamp(min=1) - d_l / n_l.clamp(min=1)) - 1 / (2 * beta)) ** 2
 
 
-def dpo_objective(loss_type: str, beta: float, label_smoothing: float = 0.0):
+def dpo_objective(loss_type: str, beta: float, label_smoothing: float = 0.0) -> Objective:
     loss_fn = DPO_LOSSES[loss_type]
 
-    def objective(model: RoleModel, batch: PairBatch, num_targets: int):
+    def objective(model: RoleModel, batch: PairBatch, totals: StepTotals):
         """Targets are pairs. Stats: reward accuracy (Δ_w > Δ_l), implicit rewards and their margin."""
         s = batch.seqs
         with torch.no_grad():
@@ -63,8 +65,8 @@ def dpo_objective(loss_type: str, beta: float, label_smoothing: float = 0.0):
         losses = loss_fn(d_w, d_l, counts[batch.chosen], counts[batch.rejected], beta=beta,
                          label_smoothing=label_smoothing)
         r_w, r_l = beta * d_w.detach(), beta * d_l.detach()
-        return losses.sum() / max(num_targets, 1), {
+        return losses.sum() / max(totals["pairs"], 1), {
             "accuracy": float((r_w > r_l).sum()), "reward_chosen": float(r_w.sum()),
             "reward_rejected": float(r_l.sum()), "margin": float((r_w - r_l).sum())}
 
-    return objective
+    return Objective(objective, target="pairs")

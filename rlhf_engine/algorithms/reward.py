@@ -1,12 +1,14 @@
 """Reward, preference and rule-model losses (pure functions on scores) and their objectives.
 
 Ranking RM (Ouyang et al. 2022, InstructGPT, eq. 1): for each prompt, all C(K, 2) pairs of its K ranked
-responses go in one batch and each response is forwarded once;
+responses go in one batch and each response is forwarded once; each prompt is one batch element:
 
-    loss = -1/M * sum over pairs (w, l) of log sigmoid(r(x, y_w) - r(x, y_l))
+    loss = -1/P * sum over prompts p of 1/C(K_p, 2) * sum over its untied pairs (w, l) of
+           log sigmoid(r(x, y_w) - r(x, y_l))
 
-with M the number of (untied) pairs. Sparrow's preference model (Glaese et al. 2022, sec. 2.3 and
-app. F): pick-one-of-N cross entropy over the candidates (plus distractor responses taken from other
+(``algorithm.rm.weighting: pair`` pools every pair instead: -1/M sum over all M pairs).
+
+Sparrow's preference model (Glaese et al. 2022, sec. 2.3 and app. F): pick-one-of-N cross entropy over the candidates (plus distractor responses taken from other
 prompts), a Bradley-Terry term on the chosen response against each other option, and a regulariser
 pulling scores toward 0:
 
@@ -22,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import ChoiceBatch, PairBatch, RuleBatch
+from ..data.streams import StepTotals
 from ..models.score import ScoreModel
+from .objective import Objective
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -49,21 +53,38 @@ def rule_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------------------------- objectives
-# (model, micro-batch, global target count) -> (loss, per-target stat sums); see trainer.py.
+# (model, micro-batch, step totals) -> (loss, stat sums); see objective.py
 
 
-def ranking_objective(model: ScoreModel, batch: PairBatch, num_targets: int):
-    """Pairwise ranking loss; targets are pairs. Stats: pairwise accuracy, mean margin r_w - r_l."""
-    s = batch.seqs
-    scores = s.read_last(model(s.input_ids, document_ids=s.document_ids)[..., 0])  # (R,) one forward each
-    r_w, r_l = scores[batch.chosen], scores[batch.rejected]  # (M,)
-    loss = pairwise_loss(r_w, r_l).sum() / max(num_targets, 1)
-    margin = (r_w - r_l).detach()
-    return loss, {"accuracy": float((margin > 0).sum()), "margin": float(margin.sum())}
+def ranking_objective(weighting: str = "prompt") -> Objective:
+    """The ranking RM's objective. Stats (means over pairs): pairwise accuracy, margin r_w - r_l.
+
+    ``weighting``: ``prompt`` (InstructGPT, default): each prompt is one batch element and its pairs
+    are weighted 1 / C(K, 2), loss = 1/P sum_p 1/C(K_p, 2) sum_(w,l) in p -log sigmoid(r_w - r_l), so a
+    K = 9 prompt (36 pairs) weighs as much as a K = 4 prompt (6 pairs). ``pair``: the mean over every
+    pair pooled, loss = 1/M sum -log sigmoid(r_w - r_l) (what the engine did before; a K = 9 prompt
+    then weighs 6x a K = 4 prompt).
+    """
+    per_prompt = weighting == "prompt"
+
+    def fn(model: ScoreModel, batch: PairBatch, totals: StepTotals):
+        s = batch.seqs
+        scores = s.read_last(model(s.input_ids, document_ids=s.document_ids)[..., 0])  # (R,) one forward each
+        r_w, r_l = scores[batch.chosen], scores[batch.rejected]  # (M,)
+        per_pair = pairwise_loss(r_w, r_l)
+        if per_prompt:
+            loss = (per_pair * batch.prompt_weight).sum() / max(totals["prompts"], 1)
+        else:
+            loss = per_pair.sum() / max(totals["pairs"], 1)
+        margin = (r_w - r_l).detach()
+        return loss, {"accuracy": float((margin > 0).sum()), "margin": float(margin.sum())}
+
+    return Objective(fn, target="prompts" if per_prompt else "pairs",
+                     stat_counts={"accuracy": "pairs", "margin": "pairs"})
 
 
-def choice_objective(bt_weight: float, reg_weight: float):
-    def objective(model: ScoreModel, batch: ChoiceBatch, num_targets: int):
+def choice_objective(bt_weight: float, reg_weight: float) -> Objective:
+    def fn(model: ScoreModel, batch: ChoiceBatch, totals: StepTotals):
         """Sparrow preference loss; targets are prompts. Stats: top-1 accuracy, mean score."""
         s = batch.seqs
         per_seq = s.read_last(model(s.input_ids, document_ids=s.document_ids)[..., 0])  # (R,)
@@ -72,16 +93,19 @@ def choice_objective(bt_weight: float, reg_weight: float):
         loss = choice_loss(scores, valid, batch.chosen, bt_weight=bt_weight, reg_weight=reg_weight)
         picked = scores.detach().masked_fill(~valid, float("-inf")).argmax(1)
         mean_score = (scores.detach() * valid).sum(1) / valid.sum(1)
-        return loss.sum() / max(num_targets, 1), {"accuracy": float((picked == batch.chosen).sum()),
-                                                  "mean_score": float(mean_score.sum())}
+        return loss.sum() / max(totals["prompts"], 1), {"accuracy": float((picked == batch.chosen).sum()),
+                                                        "mean_score": float(mean_score.sum())}
 
-    return objective
+    return Objective(fn, target="prompts")
 
 
-def rule_objective(model: ScoreModel, batch: RuleBatch, num_targets: int):
+def _rule_loss(model: ScoreModel, batch: RuleBatch, totals: StepTotals):
     """Rule-violation BCE; targets are labeled (dialogue, rule) entries. Stat: accuracy at p = 0.5."""
     s = batch.seqs
     logits = s.read_last(model(s.input_ids, document_ids=s.document_ids))  # (R, n_rules)
-    loss = rule_loss(logits, batch.labels, batch.mask).sum() / max(num_targets, 1)
+    loss = rule_loss(logits, batch.labels, batch.mask).sum() / max(totals["labels"], 1)
     right = ((logits.detach() > 0).float() == batch.labels) & batch.mask
     return loss, {"accuracy": float(right.sum())}
+
+
+RULES = Objective(_rule_loss, target="labels")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from ..data.packing import PackedBatch
+from ..data.streams import StepTotals
 from ..models.transformer import Transformer
+from .objective import Objective
 
 
-def sft_loss(model: Transformer, batch: PackedBatch, num_targets: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """sum over target tokens of -log p(y_t | x_<t), divided by ``num_targets``.
+def sft_loss(model: Transformer, batch: PackedBatch, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
+    """sum over target tokens of -log p(y_t | x_<t), divided by ``totals["targets"]``.
 
-    ``num_targets`` counts the targets of the whole accumulated step (all micro-batches and all
+    ``targets`` counts the label tokens of the whole accumulated step (all micro-batches and all
     data-parallel ranks), so the sum of micro-batch losses is the token mean over the global step however
     the tokens fall into micro-batches. Log-probs come from the fused LM-head kernel (no logits);
     ignored positions have logp = 0. Stats are sums, to be added across micro-batches and ranks.
@@ -19,4 +21,7 @@ def sft_loss(model: Transformer, batch: PackedBatch, num_targets: int) -> tuple[
     out = model(batch.input_ids, document_ids=batch.document_ids, targets=batch.labels)
     nll = -out.logp.sum()
     stats = {"accuracy": float(out.is_argmax.sum())}  # per-target sum: the trainer reports the mean
-    return nll / max(num_targets, 1), stats
+    return nll / max(totals["targets"], 1), stats
+
+
+SFT = Objective(sft_loss, target="targets")

@@ -43,7 +43,7 @@ def parse_conversation(row: Any) -> list[Message]:
     return out
 
 
-def _render(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+def render_ids(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
     as_dicts = [{"role": m.role, "content": m.content} for m in messages]
     ids = tokenizer.apply_chat_template(as_dicts, tokenize=True, add_generation_prompt=add_generation_prompt)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in transformers 5
@@ -58,8 +58,8 @@ def tokenize_conversation(tokenizer, messages: list[Message]) -> tuple[list[int]
     for i, m in enumerate(messages):
         if m.role != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = render_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if full[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
             raise ValueError("the chat template does not render conversations prefix-consistently; "
                              "cannot locate the assistant tokens")
@@ -70,7 +70,7 @@ def tokenize_conversation(tokenizer, messages: list[Message]) -> tuple[list[int]
 
 def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
     """Tokens of a conversation up to and including the assistant generation prompt."""
-    return _render(tokenizer, messages, add_generation_prompt=True)
+    return render_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def parse_sft_row(row: Any) -> list[Message] | str:
@@ -97,3 +97,8 @@ def tokenize_sft_row(tokenizer, row: list[Message] | str) -> tuple[list[int], li
 def row_texts(row: list[Message] | str) -> list[str]:
     """The raw texts of a row (one per message), for fitting a scratch tokenizer."""
     return [row] if isinstance(row, str) else [f"{m.role}\n{m.content}" for m in row]
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's padding id, or its EOS when it has none (padding is never attended or learned)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -19,7 +19,10 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .packing import Example
+from .chat import parse_sft_row, tokenize_sft_row
+from .packer import sample_index
+from .packing import IGNORE_INDEX, Example
+from .reader import read_rows
 
 
 def is_indexed(path: str | os.PathLike) -> bool:
@@ -35,7 +38,7 @@ def _prefix(path: str | os.PathLike) -> str:
 
 def write_indexed(documents: Iterable[list[int]], prefix: str | os.PathLike, vocab_size: int) -> int:
     """Write token documents; returns how many. Token ids are stored as uint16 when they fit, else int32."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # lazy: megatron-core is slow to import
 
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +56,7 @@ def write_indexed(documents: Iterable[list[int]], prefix: str | os.PathLike, voc
 
 
 def read_documents(path: str | os.PathLike) -> list[np.ndarray]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # lazy: megatron-core is slow to import
 
     ds = IndexedDataset(_prefix(path))
     return [np.array(ds[i], dtype=np.int64) for i in range(len(ds))]  # copies: the views die with the mmap
@@ -61,9 +64,6 @@ def read_documents(path: str | os.PathLike) -> list[np.ndarray]:
 
 def preprocess(input_path: str | os.PathLike, prefix: str | os.PathLike, tokenizer) -> int:
     """JSONL/Parquet rows (``{"text"}`` or chat) -> an indexed dataset of token documents."""
-    from .chat import parse_sft_row, tokenize_sft_row
-    from .reader import read_rows
-
     rows = read_rows(input_path, parse_sft_row)
     eos = tokenizer.eos_token_id
 
@@ -80,8 +80,6 @@ def preprocess(input_path: str | os.PathLike, prefix: str | os.PathLike, tokeniz
 def indexed_examples(path: str | os.PathLike, seq_len: int, seed: int, epochs: int = 1) -> list[Example]:
     """Fixed-length next-token samples of ``seq_len`` tokens over the concatenated documents, in the
     shuffled order of the C++ sample index (every token a target)."""
-    from .packer import sample_index
-
     docs = read_documents(path)
     order, starts, shuffle = sample_index([len(d) for d in docs], seq_len - 1, epochs, seed)
     out = []
@@ -96,5 +94,5 @@ def indexed_examples(path: str | os.PathLike, seq_len: int, seed: int, epochs: i
                 break
             p, o = p + 1, 0
         ids = np.concatenate(parts).astype(np.int64).tolist()[:seq_len]
-        out.append(Example(ids, ids[1:] + [-100]))
+        out.append(Example(ids, ids[1:] + [IGNORE_INDEX]))
     return out

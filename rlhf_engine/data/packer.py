@@ -29,7 +29,7 @@ _MASK = (1 << 64) - 1
 
 def _native():
     try:
-        from .. import _C
+        from .. import _C  # optional: the C++ extension may be unbuilt; the error says how to build it
     except ImportError as err:
         raise ImportError("rlhf_engine._C is not built: reinstall with `pip install -e .` on a machine with a "
                           "C++17 compiler (g++ or clang++); the error was: " + str(err)) from err

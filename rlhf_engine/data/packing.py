@@ -29,13 +29,10 @@ class PackedBatch:
     labels: torch.Tensor  # (B, S) long, IGNORE_INDEX where no loss is taken
     document_ids: torch.Tensor  # (B, S) long, PAD_DOCUMENT on padding
 
-    @property
-    def num_targets(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
-    @property
-    def num_tokens(self) -> int:
-        return int((self.document_ids != PAD_DOCUMENT).sum())
+    def counts(self) -> dict[str, int]:
+        """``tokens``: real tokens (throughput); ``targets``: label tokens, what the SFT loss averages over."""
+        return {"tokens": int((self.document_ids != PAD_DOCUMENT).sum()),
+                "targets": int((self.labels != IGNORE_INDEX).sum())}
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.labels.to(device), self.document_ids.to(device))

@@ -25,7 +25,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from .chat import Message, _render, parse_conversation
+from .chat import Message, render_ids, parse_conversation
 from .packing import IGNORE_INDEX, PAD_DOCUMENT, Example, next_token_example, pack
 
 Prompt = Union[list[Message], str]
@@ -79,6 +79,13 @@ class Ranking:
         K = len(self.responses)
         return [(i, j) if self.ranks[i] < self.ranks[j] else (j, i)
                 for i in range(K) for j in range(i + 1, K) if self.ranks[i] != self.ranks[j]]
+
+
+def scores_to_ranking(scores: Sequence[float], decimals: int = 6) -> list[int]:
+    """Dense ranks, 1 = highest score; scores equal after rounding tie."""
+    rounded = [round(float(s), decimals) for s in scores]
+    order = sorted(set(rounded), reverse=True)
+    return [order.index(s) + 1 for s in rounded]
 
 
 def parse_ranking(row: Any) -> Ranking:
@@ -173,15 +180,15 @@ def tokenize_response(tokenizer, prompt: Prompt, response: str) -> tuple[list[in
         while n < min(len(prompt_ids), len(full)) and prompt_ids[n] == full[n]:
             n += 1
         return full, n
-    head = _render(tokenizer, prompt, add_generation_prompt=True)
-    full = _render(tokenizer, list(prompt) + [Message("assistant", response)], add_generation_prompt=False)
+    head = render_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = render_ids(tokenizer, list(prompt) + [Message("assistant", response)], add_generation_prompt=False)
     if full[: len(head)] != head:
         raise ValueError("the chat template does not render prompt + response prefix-consistently")
     return full, len(head)
 
 
 def tokenize_dialogue(tokenizer, dialogue: Sequence[Message]) -> list[int]:
-    return _render(tokenizer, list(dialogue), add_generation_prompt=False)
+    return render_ids(tokenizer, list(dialogue), add_generation_prompt=False)
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -254,13 +261,9 @@ def pack_sequences(seqs: Sequence[tuple[list[int], int]], seq_len: int, pad_id: 
 
 
 class _OverSequences:
-    """Shared by the batches below: token count and device move of every tensor field."""
+    """Shared by the batches below: device move of every tensor field."""
 
     seqs: Sequences
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seqs.num_tokens
 
     def to(self, device):
         return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -269,27 +272,37 @@ class _OverSequences:
 @dataclass(frozen=True)
 class PairBatch(_OverSequences):
     """Preference pairs over packed sequences: sequence ``chosen[m]`` is preferred to ``rejected[m]``.
-    Used by the ranking RM (all pairs of each prompt's K responses) and by DPO."""
+    Used by the ranking RM (all pairs of each prompt's K responses) and by DPO.
+
+    ``prompt_weight[m]`` = 1 / C(K, 2) for a pair of a prompt with K responses: InstructGPT's weighting,
+    under which each prompt's comparisons count as one batch element (tied pairs are dropped, and their
+    share is not handed to the others)."""
 
     seqs: Sequences
     chosen: torch.Tensor  # (M,) long
     rejected: torch.Tensor  # (M,) long
+    prompt_weight: torch.Tensor  # (M,) float, 1 / C(K, 2) of the pair's prompt
+    prompts: torch.Tensor  # () long: prompts with at least one pair
 
-    @property
-    def num_targets(self) -> int:
-        return int(self.chosen.numel())
+    def counts(self) -> dict[str, int]:
+        return {"tokens": self.seqs.num_tokens, "pairs": int(self.chosen.numel()), "prompts": int(self.prompts)}
 
 
 def pair_batch(tokenized: Sequence[tuple[list[tuple[list[int], int]], list[tuple[int, int]]]], seq_len: int,
                pad_id: int) -> PairBatch:
     """``tokenized``: per prompt, its responses' (ids, n_prompt) and (winner, loser) pairs of indices."""
-    seqs, chosen, rejected = [], [], []
+    seqs, chosen, rejected, weight = [], [], [], []
+    prompts = 0
     for responses, pairs in tokenized:
         base = len(seqs)
         seqs += responses
         chosen += [base + w for w, _ in pairs]
         rejected += [base + lo for _, lo in pairs]
-    return PairBatch(pack_sequences(seqs, seq_len, pad_id), torch.tensor(chosen), torch.tensor(rejected))
+        K = len(responses)
+        weight += [2.0 / (K * (K - 1))] * len(pairs)
+        prompts += bool(pairs)
+    return PairBatch(pack_sequences(seqs, seq_len, pad_id), torch.tensor(chosen), torch.tensor(rejected),
+                     torch.tensor(weight, dtype=torch.float32), torch.tensor(prompts))
 
 
 @dataclass(frozen=True)
@@ -301,9 +314,8 @@ class ChoiceBatch(_OverSequences):
     options: torch.Tensor  # (P, N) long
     chosen: torch.Tensor  # (P,) long
 
-    @property
-    def num_targets(self) -> int:
-        return int(self.chosen.numel())
+    def counts(self) -> dict[str, int]:
+        return {"tokens": self.seqs.num_tokens, "prompts": int(self.chosen.numel())}
 
 
 def choice_batch(prompts: Sequence[list[tuple[list[int], int]]], chosen: Sequence[int], seq_len: int,
@@ -325,9 +337,9 @@ class RuleBatch(_OverSequences):
     labels: torch.Tensor  # (R, n_rules) float, 1 = violated
     mask: torch.Tensor  # (R, n_rules) bool
 
-    @property
-    def num_targets(self) -> int:
-        return int(self.mask.sum())
+    def counts(self) -> dict[str, int]:
+        """``labels``: labeled (dialogue, rule) entries, what the BCE averages over."""
+        return {"tokens": self.seqs.num_tokens, "labels": int(self.mask.sum())}
 
 
 def rule_batch(dialogues: Sequence[list[int]], labels: Sequence[RuleLabels], rules: Sequence[str], seq_len: int,

@@ -16,8 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .chat import Message, parse_conversation, prompt_ids
+from ..config import RunConfig
+from .builtin import demo_conversations
+from .chat import Message, render_ids, parse_conversation, prompt_ids
 from .preference import Prompt, parse_prompt
+from .streams import load_split
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,7 @@ def template_suffix(tokenizer) -> list[int]:
     """Tokens the chat template puts after the EOS that ends an assistant turn (e.g. a newline after
     ``<|im_end|>``). A reward model trained on rendered conversations reads its score there, so sampled
     responses that stopped get them appended before scoring."""
-    from .chat import _render
-
-    ids = _render(tokenizer, [Message("user", "a"), Message("assistant", "b")], add_generation_prompt=False)
+    ids = render_ids(tokenizer, [Message("user", "a"), Message("assistant", "b")], add_generation_prompt=False)
     eos = tokenizer.eos_token_id
     if eos is None or eos not in ids:
         return []
@@ -91,3 +92,9 @@ def prompt_texts(row: PromptRow) -> list[str]:
 
 
 __all__ = ["Message", "PromptItem", "PromptRow", "parse_prompt_row", "prompt_item", "prompt_texts", "template_suffix"]
+
+
+def load_prompt_rows(cfg: RunConfig) -> tuple[list[PromptRow], list[PromptRow]]:
+    """(train, held-out) prompt rows: files, or the built-in demo set's prompts and answers."""
+    return load_split(cfg, parse_prompt_row, lambda: [parse_prompt_row(r) for r in
+                                                       demo_conversations(cfg.data.builtin_rows, seed=cfg.trainer.seed)])

@@ -39,7 +39,7 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], T]) -> Iterator[T
 def read_parquet(path: str | os.PathLike, parse: Callable[[Any], T]) -> Iterator[T]:
     """Yield ``parse(row)`` for each row of a Parquet file (nested columns become lists and dicts)."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: the [data] extra
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'rlhf-engine[data]')") from None
     path = Path(path)

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from .preference import scores_to_ranking
+
 OBJECTS = ("lemon river stone cloud tiger piano rocket garden window candle forest planet mirror pencil "
            "dragon bridge castle island market basket anchor meadow coffee butter").split()
 PLEASANT = "bright warm kind calm gentle happy lovely fresh".split()
@@ -95,8 +97,6 @@ def build_task(seed: int, *, pretrain_rows: int = 3000, demonstrations: int = 20
 
 def label(scores: Sequence[float], noise: float, rng: random.Random) -> list[int]:
     """A simulated labeler's ranking (1 = best) of responses with these gold scores."""
-    from ..labelers import scores_to_ranking
-
     return scores_to_ranking([s + rng.gauss(0.0, noise) for s in scores])
 
 

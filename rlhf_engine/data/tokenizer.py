@@ -27,8 +27,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     The vocabulary holds the 256 byte symbols, the special tokens and up to ``vocab_size`` in all with
     merges; a small corpus may stop short of ``vocab_size``.
     """
+    # lazy: transformers takes seconds to import, and only scratch runs train a tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazy (see above)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -111,7 +111,7 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
 
 def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **token_ids: Any):
     """A transformers config object for ``cfg`` (LlamaConfig, MistralConfig or Qwen2Config)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config  # lazy: transformers is slow to import
 
     rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling is not None:
@@ -184,7 +184,7 @@ def load_hf_model(
     path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Transformer:
     """Build a ``Transformer`` from a local HF checkpoint directory, weights cast to ``dtype``."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers is slow to import
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -292,6 +292,6 @@ def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: in
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer (with its chat template) saved in a checkpoint directory, via AutoTokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers is slow to import
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

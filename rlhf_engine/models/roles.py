@@ -33,6 +33,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 from pydantic import TypeAdapter
+from safetensors.torch import load_file, save_file
 from rlhf_kernels import linear_logprob
 from torch import nn
 
@@ -303,8 +304,6 @@ ROLES_META = "roles.json"
 def save_roles(model: RoleModel, path: str | os.PathLike) -> Path:
     """``trunk.safetensors`` once, ``heads/<role>.safetensors`` per role and ``roles.json``, written into a
     temporary directory renamed into place (an existing ``path`` is replaced only when complete)."""
-    from safetensors.torch import save_file
-
     with atomic_directory(Path(path)) as tmp:
         meta = {"trunk_layers": model.trunk_layers, "roles": [r.value for r in model.roles],
                 "config": TypeAdapter(TransformerConfig).dump_python(model.config, mode="json")}
@@ -318,8 +317,6 @@ def save_roles(model: RoleModel, path: str | os.PathLike) -> Path:
 
 
 def load_roles(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> RoleModel:
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = json.loads((path / ROLES_META).read_text())
     cfg = TypeAdapter(TransformerConfig).validate_python(meta["config"])

@@ -19,7 +19,6 @@ computes the same raw scores (the tests check this).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -128,7 +127,7 @@ def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: A
 def load_score_model(path: str | os.PathLike, *, trunk_layers: int | None = None) -> ScoreModel:
     """Read a checkpoint written by ``save_score_model`` (or any HF Llama/Mistral/Qwen2 sequence
     classifier). ``trunk_layers`` defaults to the saved cut."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers is slow to import
 
     path = Path(path)
     hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -153,10 +152,3 @@ def load_score_model(path: str | os.PathLike, *, trunk_layers: int | None = None
     if model.trunk is not None:
         model.trunk.requires_grad_(False)
     return model
-
-
-def score_labels(path: str | os.PathLike) -> list[str]:
-    """Output names recorded in a score checkpoint's config.json."""
-    meta = json.loads((Path(path) / "config.json").read_text())
-    id2label = meta.get("id2label") or {}
-    return [id2label[str(i)] for i in range(len(id2label))]

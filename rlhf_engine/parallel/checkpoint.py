@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..models import Transformer, save_hf_model
+
 LATEST = "latest"
 PROGRESS = "progress.json"
 
@@ -166,8 +168,6 @@ def gather_model(model: torch.nn.Module, empty: "Callable[[], torch.nn.Module]")
 
 def export_hf(model: torch.nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> Path | None:
     """Collective: gather a sharded ``Transformer`` and write it from rank 0 as a Hugging Face checkpoint."""
-    from ..models import Transformer, save_hf_model
-
     state = full_state_dict(model)
     out = None
     if _rank() == 0:

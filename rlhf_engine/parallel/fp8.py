@@ -71,7 +71,7 @@ def apply_fp8(model: nn.Module, cfg: FP8Config | None) -> nn.Module:
 
 def _torchao(model: nn.Module, cfg: FP8Config, names: set[str]) -> nn.Module:
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional: torchao
     except ImportError as err:
         raise ImportError("precision.fp8.backend=torchao needs torchao: pip install torchao") from err
     config = Float8LinearConfig.from_recipe_name(cfg.recipe)
@@ -83,8 +83,8 @@ def _torchao(model: nn.Module, cfg: FP8Config, names: set[str]) -> nn.Module:
 
 def _transformer_engine(model: nn.Module, cfg: FP8Config, names: list[str]) -> nn.Module:
     try:
-        import transformer_engine.pytorch as te
-        from transformer_engine.common import recipe as te_recipe
+        import transformer_engine.pytorch as te  # optional: Transformer Engine (CUDA only)
+        from transformer_engine.common import recipe as te_recipe  # optional (see above)
     except ImportError as err:
         raise ImportError("precision.fp8.backend=te needs NVIDIA Transformer Engine, which builds only with CUDA: "
                           "pip install -e '.[fp8]' on a GPU machine (or use precision.fp8.backend=torchao)") from err

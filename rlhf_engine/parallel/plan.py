@@ -34,6 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from ..config import RunConfig
 from ..models.transformer import Transformer, TransformerConfig
@@ -51,8 +54,6 @@ GIB = 2**30
 
 
 def _local_numel(module: nn.Module) -> int:
-    from torch.distributed.tensor import DTensor
-
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
 
 
@@ -79,8 +80,6 @@ def exact_shards(arch: TransformerConfig, dims: ParallelDims, sequence_parallel:
     apply_tensor_parallel(one, mesh["tp"], sequence_parallel=sequence_parallel)
     apply_fsdp(one, mesh["dp_shard"])  # replicated dp groups (HSDP) hold the same shard sizes
     if dims.dp_shard > 1:
-        from torch.distributed.fsdp import fully_shard
-
         fully_shard(scalar, mesh=mesh["dp_shard"])  # a (1, h) head is replicated over tp, sharded over dp
     return {
         "embedding": _local_numel(one.embed_tokens),
@@ -152,8 +151,6 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
     dims.check_model(arch)
     created = False
     if not dist.is_initialized():
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
         created = True
     try:

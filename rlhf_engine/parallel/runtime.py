@@ -2,7 +2,6 @@
 
     rt = init_runtime(cfg)              # reads torchrun's WORLD_SIZE / RANK / LOCAL_RANK
     model = rt.parallelize(model, cfg)  # tensor (+ sequence) parallel, then FSDP2 / HSDP
-    batches = rt.my_share(stream)       # this data-parallel rank's micro-batches
     totals = rt.sum_over_dp({"targets": n})
 
 The same stage code runs as one process (``rlhf-engine sft ...``) or under torchrun / Slurm
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,7 +27,6 @@ from .fp8 import apply_fp8
 from .fsdp import apply_fsdp
 from .tensor_parallel import apply_tensor_parallel
 
-T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -94,12 +91,6 @@ class Runtime:
     def loss_scale(self) -> float:
         """FSDP averages gradients over data-parallel ranks; a global-mean loss is scaled back up."""
         return float(self.dims.dp) if self.mesh is not None and self.dims.dp > 1 else 1.0
-
-    def my_share(self, stream: Iterator[T]) -> Iterator[T]:
-        """Every dp-th item of a stream that all ranks generate identically."""
-        for i, item in enumerate(stream):
-            if i % self.dims.dp == self.dp_rank:
-                yield item
 
     def sum_over_dp(self, values: dict[str, float]) -> dict[str, float]:
         """Sum per-rank numbers over the data-parallel ranks (tensor/pipeline peers hold the same values)."""

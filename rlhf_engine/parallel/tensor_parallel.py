@@ -38,6 +38,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from ..models.transformer import Transformer
+from .fsdp import decoder_parts
+
 
 
 def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False):
@@ -48,9 +51,6 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool
     """
     if tp_mesh.size() == 1:
         return model
-    from ..models.transformer import Transformer
-    from .fsdp import decoder_parts
-
     if not isinstance(model, Transformer):
         for part in decoder_parts(model):
             apply_tensor_parallel(part, tp_mesh, sequence_parallel=sequence_parallel)
@@ -110,21 +110,21 @@ class _Styles:
         module = self.layer.get_submodule(name)
         if not self.float8_styles or type(module).__name__ != "Float8Linear":
             return False
-        from torchao.float8.config import ScalingGranularity, ScalingType
+        from torchao.float8.config import ScalingGranularity, ScalingType  # optional: torchao (precision.fp8)
 
         cast = module.config.cast_config_input
         return cast.scaling_type == ScalingType.DYNAMIC and cast.scaling_granularity == ScalingGranularity.TENSORWISE
 
     def colwise(self, name: str):
         if self.float8(name):
-            from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel
+            from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel  # optional: torchao
 
             return Float8ColwiseParallel()
         return ColwiseParallel()
 
     def rowwise(self, name: str, *, output_layouts):
         if self.float8(name):
-            from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel
+            from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel  # optional: torchao
 
             return Float8RowwiseParallel(output_layouts=output_layouts)
         return RowwiseParallel(output_layouts=output_layouts)
@@ -135,7 +135,7 @@ class _Styles:
         layouts = (Shard(1),) + (None,) * extra_args
         desired = (Replicate(),) + (None,) * extra_args
         if all(self.float8(f"{block}.{c}") for c in consumers):
-            from torchao.float8.float8_tensor_parallel import PrepareFloat8ModuleInput
+            from torchao.float8.float8_tensor_parallel import PrepareFloat8ModuleInput  # optional: torchao
 
             return PrepareFloat8ModuleInput(input_layouts=layouts, desired_input_layouts=desired,
                                             fwd_config_submodule_fqn=consumers[0])

@@ -16,10 +16,11 @@ per-token quantity (log-probs, KL, values, advantages) sits at the position that
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
 
 import torch
+from rlhf_kernels import kl_estimate
 
 from ..algorithms.rl import RLSettings
 from ..config import RolloutConfig
@@ -68,7 +69,7 @@ class Rollout:
 
 @dataclass
 class ExperienceBatch:
-    """A micro-batch of a rollout's rows, plus what the loss normalises by (totals over the optimizer step)."""
+    """A micro-batch of a rollout's rows (and, with PPO-ptx, its share of pretraining rows)."""
 
     input_ids: torch.Tensor
     document_ids: torch.Tensor
@@ -83,15 +84,13 @@ class ExperienceBatch:
     kl_coef: float
     on_policy: bool = False
     ptx: PackedBatch | None = None
-    totals: dict[str, float] = field(default_factory=dict)  # tokens, sequences, ptx_tokens of the whole step
 
-    @property
-    def num_targets(self) -> int:
-        return int(self.mask.any(dim=1).sum())
-
-    @property
-    def num_tokens(self) -> int:
-        return int((self.document_ids != PAD_DOCUMENT).sum())
+    def counts(self) -> dict[str, int]:
+        """``tokens``: real tokens (throughput); ``sequences`` with a response token; ``response_tokens``;
+        ``ptx_tokens``: label tokens of the pretraining rows."""
+        return {"tokens": int((self.document_ids != PAD_DOCUMENT).sum()),
+                "sequences": int(self.mask.any(dim=1).sum()), "response_tokens": int(self.mask.sum()),
+                "ptx_tokens": self.ptx.counts()["targets"] if self.ptx is not None else 0}
 
     def to(self, device) -> "ExperienceBatch":
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -183,9 +182,8 @@ class ExperienceMaker:
         if s.kl_estimator == "exact" and not self.on_policy:
             kl = out.kl.float() * mask
         else:
-            from rlhf_kernels import kl_estimate
-
-            kl = kl_estimate(logp, ref_logp, "k3" if s.kl_estimator == "exact" else s.kl_estimator) * mask
+            kl = kl_estimate(logp, ref_logp, "k3" if s.kl_estimator == "exact" else s.kl_estimator,
+                             clamp=s.cfg.kl_clamp, log_ratio_clamp=s.cfg.log_ratio_clamp) * mask
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in gen.responses]
         samples = [Sample(p.ids, list(resp) + end, p.text, text, p.answer)  # ends as the RM's training rows did
                    for p, resp, end, text in zip(items, gen.responses, ends, texts)]

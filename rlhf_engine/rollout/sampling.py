@@ -26,7 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..config import RunConfig
+from ..data.chat import Message, pad_id, prompt_ids
 from ..data.packing import PAD_DOCUMENT
+from ..data.prompts import PromptRow, prompt_item
+from ..models.hf import load_hf_model, load_tokenizer
 from ..models.transformer import DecoderLayer, KVCache, local_vocab_shard
 
 
@@ -181,3 +185,37 @@ def generate(
         finish_reasons=reasons,
         trunk_states=torch.cat(record, dim=1) if record is not None else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, conversations: list[list[Message]], cfg: RunConfig) -> list[dict[str, str]]:
+    """Responses to the prompts of held-out conversations, sampled with the rollout settings."""
+    if not conversations:
+        return []
+    prompts = []
+    for conv in conversations:
+        first_answer = next(i for i, msg in enumerate(conv) if msg.role == "assistant")
+        prompts.append(conv[:first_answer])
+    model.eval()
+    r = cfg.rollout
+    gen = generate(model, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens=r.max_new_tokens,
+                   stop_ids=[tokenizer.eos_token_id], pad_id=pad_id(tokenizer), temperature=r.temperature,
+                   top_k=r.top_k, top_p=r.top_p, generator=torch.Generator().manual_seed(cfg.trainer.seed))
+    return [{"prompt": p[-1].content, "response": tokenizer.decode(o, skip_special_tokens=True).strip(),
+             "reference": conv[len(p)].content} for p, o, conv in zip(prompts, gen.responses, conversations)]
+
+
+@torch.no_grad()
+def sample_from_policy(policy_path: str, rows: list[PromptRow], cfg: RunConfig, k: int, seed: int) -> list[list[str]]:
+    """K responses per prompt from an exported policy (a Hugging Face checkpoint), with the rollout settings."""
+    model, tok = load_hf_model(policy_path).eval(), load_tokenizer(policy_path)
+    items = [prompt_item(tok, r, cfg.data.seq_len - cfg.rollout.max_new_tokens) for r in rows]
+    r = cfg.rollout
+    gen = generate(model, [p.ids for p in items for _ in range(k)], max_new_tokens=r.max_new_tokens,
+                   stop_ids=[tok.eos_token_id], pad_id=pad_id(tok), temperature=r.temperature or 1.0, top_k=r.top_k,
+                   top_p=r.top_p, generator=torch.Generator().manual_seed(seed))
+    texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in gen.responses]
+    return [texts[i * k : (i + 1) * k] for i in range(len(rows))]

@@ -1,16 +1,16 @@
-"""The trainer's stream for online RL: collect a rollout, turn it into advantages, hand out micro-batches.
+"""The trainer's step source for online RL: collect a rollout, turn it into advantages, hand out steps.
 
     stream = ExperienceStream(maker, prompts, settings, cfg, rt, ptx=ptx_stream)
     Trainer(cfg, rt, roles, rl_objective(settings), stream, name="ppo", evaluate=...).fit()
 
 Unlike the offline stages, where every rank builds the same global stream and takes its share, each
-data-parallel rank collects its own share of every rollout (``per_rank``): rollout r draws global prompts
+data-parallel rank collects its own share of every rollout: rollout r draws global prompts
 [r P, (r + 1) P) from a seeded per-epoch shuffle, and rank i samples the i-th contiguous slice with a
 generator seeded by (seed, r, i). Its N sequences are split into micro-batches of
 ``trainer.micro_batch_size`` rows, reshuffled for each of ``algorithm.rl.epochs`` passes; every
 ``trainer.grad_accum_steps`` micro-batches make one optimizer step. Before handing out a step, the
-stream sums its tokens, sequences and pretraining tokens over the data-parallel ranks, so the objective
-normalises by the step's global totals.
+stream sums the micro-batches' counts (response tokens, sequences, pretraining tokens) over the
+data-parallel ranks into the step's ``StepTotals``, which the objective normalises by.
 
 Per rollout: scores are clipped and whitened (optional), the KL coefficient comes from the controller
 (fixed or adaptive, updated with the rollout's KL afterwards), advantages and returns are computed by the
@@ -29,18 +29,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+import torch.distributed as dist
+
 from ..algorithms.advantages import KLController, masked_whiten
 from ..algorithms.rl import RLSettings, advantages
 from ..config import RunConfig
-from ..data.packing import IGNORE_INDEX
-from ..parallel.runtime import Runtime
-from ..stages.common import shuffled
 from ..data.prompts import PromptItem
+from ..data.streams import Step, StepTotals, shuffled
+from ..parallel.runtime import Runtime
 from .experience import ExperienceBatch, ExperienceMaker, Rollout
 
 
 class ExperienceStream:
-    per_rank = True  # the trainer takes grad_accum_steps micro-batches of this rank, not a global share
+    """A ``trainer.StepSource``: each step is this rank's ``trainer.grad_accum_steps`` micro-batches."""
 
     def __init__(
         self,
@@ -71,7 +72,6 @@ class ExperienceStream:
         self.buffer: Rollout | None = None
         self.plans: list[torch.Tensor] = []
         self.pending: dict[str, float] = {}
-        self.step_totals = (0, 0)
 
     # ------------------------------------------------------------------------------------ rollouts
 
@@ -142,8 +142,9 @@ class ExperienceStream:
 
     # ------------------------------------------------------------------------------------ the trainer's side
 
-    def take(self, n: int) -> list[ExperienceBatch]:
-        """This rank's next ``n`` micro-batches (one optimizer step), with the step's global totals attached."""
+    def next_step(self) -> Step[ExperienceBatch]:
+        """This rank's next ``trainer.grad_accum_steps`` micro-batches, with the step's global totals."""
+        n = self.cfg.trainer.grad_accum_steps
         if self.buffer is None or self.index >= len(self.plans):
             self.collect()
         out = [ExperienceBatch.from_rollout(self.buffer, self.plans[self.index + i], self.kl.value) for i in range(n)]
@@ -153,18 +154,10 @@ class ExperienceStream:
             share = self.ptx.take(n * dp)[rank::dp]
             for b, p in zip(out, share):
                 b.ptx = p
-        local = torch.tensor([
-            float(sum(int(b.mask.sum()) for b in out)),
-            float(sum(b.num_targets for b in out)),
-            float(sum(int(b.ptx.labels.ne(IGNORE_INDEX).sum()) for b in out if b.ptx is not None)),
-            float(sum(b.num_tokens for b in out)),
-        ], dtype=torch.float64)
-        tokens, sequences, ptx_tokens, all_tokens = self._reduce(local).tolist()
-        totals = {"tokens": tokens, "sequences": sequences, "ptx_tokens": ptx_tokens}
-        for b in out:
-            b.totals = totals
-        self.step_totals = (int(sequences), int(all_tokens))
-        return out
+        local = StepTotals.of(out).counts
+        keys = sorted(local)
+        summed = self._reduce(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64)).tolist()
+        return Step(out, StepTotals(dict(zip(keys, summed))))
 
     def after_step(self, record: dict[str, float]) -> dict[str, float]:
         """Called by the trainer with the step's global metrics; returns the rollout metrics to log once."""
@@ -200,7 +193,6 @@ class ExperienceStream:
             return
         device = self.rt.device
         b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["buffer"].items()}
-        b["parts"] = {k: v for k, v in b["parts"].items()}
         self.buffer = Rollout(**b)
         self.plans = list(state["plans"])
 
@@ -211,8 +203,6 @@ def make_all_done(rt: Runtime) -> Callable[[bool], bool] | None:
         return None
 
     def all_done(mine: bool) -> bool:
-        import torch.distributed as dist
-
         flag = torch.tensor([0.0 if mine else 1.0], device=rt.device)
         dist.all_reduce(flag)
         return float(flag) == 0.0

@@ -1,28 +1,91 @@
-"""What every stage does before and after training: the run directory, the tokenizer, the base model,
-the held-out split, the summary."""
+"""The stage skeleton every training stage runs, and what stages share around it.
+
+    def setup(ctx: StageContext) -> StageSetup: ...       # what differs: data, model, objective, export
+    summary = run_stage(cfg, "sft", setup)
+
+``run_stage`` owns the sequence: runtime -> run directory (config recorded) -> the stage's own set-up
+-> a one-line announcement -> ``Trainer.fit`` (resuming when asked) -> the stage's summary keys ->
+export when the run finished -> ``summary.json``. A stage file holds only its set-up.
+"""
 
 from __future__ import annotations
 
 import json
-import random
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 
-from ..config import RunConfig, to_yaml
+from ..algorithms.objective import Objective
+from ..config import RunConfig, to_dict, to_yaml, validate
+from ..data.streams import BatchStream, GlobalSteps
 from ..data.tokenizer import train_bpe_tokenizer
-from ..models import Transformer, load_hf_model, load_tokenizer
-from ..parallel.runtime import Runtime
+from ..models import Transformer, load_hf_model, load_tokenizer, save_hf_model
+from ..parallel.checkpoint import gather_model
+from ..parallel.runtime import Runtime, init_runtime
+from ..trainer import ParamGroup, StepSource, Trainer
 
-T = TypeVar("T")
+
+@dataclass
+class StageContext:
+    """What a stage's set-up receives: the config, the process runtime and the run directory."""
+
+    cfg: RunConfig
+    rt: Runtime
+    out: Path
+
+    def tokenizer(self, texts: Iterable[str]):
+        return build_tokenizer(self.cfg, texts, self.rt, self.out)
+
+    def steps(self, stream: BatchStream) -> GlobalSteps:
+        """A global stream as this data-parallel rank's steps of ``trainer.grad_accum_steps`` micro-batches."""
+        return GlobalSteps(stream, self.cfg.trainer.grad_accum_steps, self.rt.dims.dp, self.rt.dp_rank)
+
+
+@dataclass
+class StageSetup:
+    """What differs between stages."""
+
+    model: nn.Module  # parallelized
+    objective: Objective
+    source: StepSource
+    description: str  # for the announcement: rows, heads, vocabulary...
+    eval_batches: Sequence[Any] = ()
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    param_groups: Sequence[ParamGroup] = ()
+    summarize: Callable[[dict[str, Any]], dict[str, Any]] = lambda result: {}  # stage keys from fit()'s result
+    export: Callable[[Path], dict[str, Any]] | None = None  # collective, when the run finished; summary keys
+    extra: dict[str, Any] = field(default_factory=dict)  # anything the set-up wants to keep
+
+
+def run_stage(cfg: RunConfig, name: str, setup: Callable[[StageContext], StageSetup]) -> dict[str, Any]:
+    """Run one training stage (module docstring); returns the summary also written to ``summary.json``."""
+    start = time.perf_counter()
+    rt = init_runtime(cfg)
+    out = open_run(cfg, rt)
+    s = setup(StageContext(cfg, rt, out))
+    announce(rt, name, s.model, s.description)
+    trainer = Trainer(cfg, rt, s.model, s.objective, s.source, name=name, eval_batches=s.eval_batches,
+                      evaluate=s.evaluate, param_groups=s.param_groups)
+    result = trainer.fit()
+    summary: dict[str, Any] = {"steps": result["step"], "finished": result["finished"], "resumed": result["resumed"],
+                               "world_size": rt.world_size, **s.summarize(result)}
+    if result["finished"] and s.export is not None:
+        summary.update(s.export(out))
+    summary["wall_s"] = round(time.perf_counter() - start, 2)
+    write_summary(rt, out, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- shared pieces
 
 
 def derive(cfg: RunConfig, source: str = "derived", **sections: dict[str, Any]) -> RunConfig:
     """``cfg`` with some keys replaced per section (one level of nesting merges), validated again."""
-    from ..config import to_dict, validate
-
     tree = to_dict(cfg)
     for name, values in sections.items():
         tree[name] = {**(tree.get(name) or {}), **values}
@@ -38,35 +101,6 @@ def open_run(cfg: RunConfig, rt: Runtime) -> Path:
         (out / "config.yaml").write_text(to_yaml(cfg))
     rt.barrier()
     return out
-
-
-def split_rows(rows: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """(train, held out): a seeded shuffle, ``fraction`` of the rows held out (at least one when > 0)."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(rows) * fraction)) if fraction > 0 else 0
-    if n_eval >= len(rows):
-        raise ValueError(f"cannot hold out {n_eval} of {len(rows)} rows; add data or lower data.eval_fraction")
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
-
-
-def load_split(cfg: RunConfig, parse: Callable[[Any], T], builtin: Callable[[], list[T]]) -> tuple[list[T], list[T]]:
-    """(train, held-out) rows: ``data.train_path`` parsed row by row (or ``builtin()`` without one), and
-    ``data.eval_path`` or a seeded ``data.eval_fraction`` split of the training rows."""
-    from ..data.reader import read_rows
-
-    d = cfg.data
-    train = read_rows(d.train_path, parse) if d.train_path is not None else builtin()
-    if d.eval_path is not None:
-        return train, read_rows(d.eval_path, parse)
-    return split_rows(train, d.eval_fraction, cfg.trainer.seed)
-
-
-def shuffled(n: int, seed: int, epoch: int) -> list[int]:
-    """The epoch's order of ``n`` rows: a shuffle seeded by (seed, epoch), the same on every rank."""
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
 
 
 def build_tokenizer(cfg: RunConfig, texts: Iterable[str], rt: Runtime, out: Path):
@@ -96,8 +130,13 @@ def base_model(cfg: RunConfig, tokenizer) -> Transformer:
     return model
 
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def export_policy(model, out: Path, tokenizer, rt: Runtime, make_plain: Callable[[], nn.Module]) -> dict[str, Any]:
+    """Collective: gather a (sharded) RoleModel and save its policy as a Hugging Face checkpoint."""
+    plain = gather_model(model, make_plain)
+    if plain is not None:
+        save_hf_model(plain.policy_model(), out / "hf", tokenizer=tokenizer)
+    rt.barrier()
+    return {"export": str(out / "hf")}
 
 
 def announce(rt: Runtime, stage: str, model: torch.nn.Module, text: str) -> None:

@@ -11,54 +11,42 @@ Hugging Face checkpoint under ``<out_dir>/hf``.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 from ..algorithms.dpo import dpo_objective
 from ..config import RunConfig
+from ..data.comparisons import RowBatcher, texts_of
 from ..data.preference import parse_ranking
-from ..models.hf import save_hf_model
+from ..data.streams import load_split
 from ..models.roles import Role, RoleModel
-from ..parallel.checkpoint import gather_model
-from ..parallel.runtime import init_runtime
-from ..trainer import Trainer
-from .common import announce, base_model, build_tokenizer, open_run, write_summary
-from .reward import RowBatcher, load_rows, texts_of
+from .common import StageContext, StageSetup, base_model, export_policy, run_stage
 
 DPO_ROLES = (Role.POLICY, Role.REFERENCE)
 
 
-def run_dpo(cfg: RunConfig) -> dict[str, Any]:
-    start = time.perf_counter()
-    rt = init_runtime(cfg)
-    out = open_run(cfg, rt)
-    train_rows, eval_rows = load_rows(cfg, parse_ranking)
-    tokenizer = build_tokenizer(cfg, texts_of(train_rows), rt, out)
+def setup_dpo(ctx: StageContext) -> StageSetup:
+    cfg, rt = ctx.cfg, ctx.rt
+    train_rows, eval_rows = load_split(cfg, parse_ranking)
+    tokenizer = ctx.tokenizer(texts_of(train_rows))
     sft = base_model(cfg, tokenizer)
     model = rt.parallelize(RoleModel.from_sft(sft, cfg.model.trunk_layers, roles=DPO_ROLES), cfg)
     del sft
     train, held_out = (RowBatcher(cfg, tokenizer, rows, "pairs") for rows in (train_rows, eval_rows))
-    announce(rt, "dpo", model, f"{len(train_rows)} train / {len(eval_rows)} held-out rows")
-
     d = cfg.algorithm.dpo
-    trainer = Trainer(cfg, rt, model, dpo_objective(d.loss_type, d.beta, d.label_smoothing), train.stream(),
-                      name="dpo", eval_batches=held_out.fixed(cfg.trainer.eval_batches))
-    result = trainer.fit()
-    summary: dict[str, Any] = {
-        "algorithm": f"dpo/{d.loss_type}", "steps": result["step"], "finished": result["finished"],
-        "resumed": result["resumed"], "train_rows": len(train_rows), "heldout_rows": len(eval_rows),
-        "heldout_reward_accuracy_initial": result["first_eval"].get("eval_accuracy"),
-        "heldout_reward_accuracy": result["final_eval"].get("eval_accuracy"),
-        "heldout_margin": result["final_eval"].get("eval_margin"),
-        "heldout_loss": result["final_eval"].get("eval_loss"),
-    }
-    if result["finished"]:
-        plain = gather_model(model, lambda: RoleModel(model.config, model.trunk_layers, roles=DPO_ROLES))
-        if plain is not None:
-            save_hf_model(plain.policy_model(), Path(out) / "hf", tokenizer=tokenizer)
-        rt.barrier()
-        summary["export"] = str(Path(out) / "hf")
-    summary["wall_s"] = round(time.perf_counter() - start, 2)
-    write_summary(rt, out, summary)
-    return summary
+
+    def summarize(result: dict[str, Any]) -> dict[str, Any]:
+        first, final = result["first_eval"], result["final_eval"]
+        return {"algorithm": f"dpo/{d.loss_type}", "train_rows": len(train_rows), "heldout_rows": len(eval_rows),
+                "heldout_reward_accuracy_initial": first.get("eval_accuracy"),
+                "heldout_reward_accuracy": final.get("eval_accuracy"), "heldout_margin": final.get("eval_margin"),
+                "heldout_loss": final.get("eval_loss")}
+
+    return StageSetup(model, dpo_objective(d.loss_type, d.beta, d.label_smoothing), ctx.steps(train.stream()),
+                      f"{len(train_rows)} train / {len(eval_rows)} held-out rows",
+                      eval_batches=held_out.fixed(cfg.trainer.eval_batches), summarize=summarize,
+                      export=lambda out: export_policy(model, out, tokenizer, rt, lambda: RoleModel(
+                          model.config, model.trunk_layers, roles=DPO_ROLES)))
+
+
+def run_dpo(cfg: RunConfig) -> dict[str, Any]:
+    return run_stage(cfg, "dpo", setup_dpo)

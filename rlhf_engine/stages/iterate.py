@@ -30,30 +30,16 @@ import torch
 
 from ..config import RunConfig, to_dict
 from ..data.preference import parse_ranking, tokenize_response
+from ..data.prompts import load_prompt_rows
 from ..data.reader import read_rows
 from ..labelers import build_labeler
-from ..models import load_hf_model, load_tokenizer
+from ..models import load_tokenizer
 from ..models.score import load_score_model
 from ..parallel.runtime import init_runtime
-from ..rollout.sampling import generate
-from .common import derive, pad_id, write_summary
+from ..rollout.sampling import sample_from_policy
+from .common import derive, write_summary
 from .reward import run_reward_model
-from .rl import load_prompt_rows, run_rl
-
-
-@torch.no_grad()
-def sample_from_policy(policy_path: str, rows: list, cfg: RunConfig, k: int, seed: int) -> list[list[str]]:
-    """K responses per prompt from an exported policy, with the rollout settings."""
-    from ..data.prompts import prompt_item
-
-    model, tok = load_hf_model(policy_path).eval(), load_tokenizer(policy_path)
-    items = [prompt_item(tok, r, cfg.data.seq_len - cfg.rollout.max_new_tokens) for r in rows]
-    r = cfg.rollout
-    gen = generate(model, [p.ids for p in items for _ in range(k)], max_new_tokens=r.max_new_tokens,
-                   stop_ids=[tok.eos_token_id], pad_id=pad_id(tok), temperature=r.temperature or 1.0, top_k=r.top_k,
-                   top_p=r.top_p, generator=torch.Generator().manual_seed(seed))
-    texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in gen.responses]
-    return [texts[i * k : (i + 1) * k] for i in range(len(rows))]
+from .rl import run_rl
 
 
 @torch.no_grad()

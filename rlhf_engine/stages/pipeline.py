@@ -29,23 +29,29 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..algorithms.rl import resolve
+from ..config import RunConfig, load_config
+from ..data.chat import pad_id
+from ..data.preference import scores_to_ranking
 from ..data.prompts import parse_prompt_row, prompt_item
 from ..data.task import build_task, gold_score, label, pair_agreement
-from ..labelers import scores_to_ranking
 from ..models import load_hf_model, load_tokenizer
 from ..parallel.runtime import init_runtime
+from ..report import write_report
+from ..rollout.assembly import build_roles
 from ..rollout.experience import ExperienceMaker
-from .common import derive, pad_id, write_summary
-from .iterate import sample_from_policy
+from ..rollout.sampling import sample_from_policy
+from .common import derive, write_summary
+from .dpo import run_dpo
+from .reward import run_reward_model
+from .rl import run_rl
+from .sft import run_sft
 
 GOLD = "quickstart_gold"
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")  # a copy of configs/quickstart.yaml, shipped in the package
 
 
 def quickstart_config(overrides: list[str] | None = None) -> RunConfig:
-    from ..config import load_config
-
     return load_config(QUICKSTART, overrides)
 
 
@@ -84,9 +90,6 @@ def evaluate_policy(cfg: RunConfig, sft_path: str, rm_path: str, policy_path: st
     """Gold reward, proxy (RM) reward and KL to the SFT policy, means over ``pipeline.eval_samples``
     samples per prompt of ``prompts`` (one fixed seed): the roles of the RL stage with the policy head
     loaded from ``policy_path`` (None: the SFT policy itself)."""
-    from ..algorithms.rl import resolve
-    from .rl import build_roles
-
     ecfg = derive(cfg, "evaluation", model={"hf_path": sft_path, "architecture": None},
                   algorithm={"name": "reinforce_pp", "rl": {"init_policy_path": policy_path}},
                   reward={"preference_path": rm_path, "functions": {GOLD: 0.0}})
@@ -108,11 +111,6 @@ def evaluate_policy(cfg: RunConfig, sft_path: str, rm_path: str, policy_path: st
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
-    from .dpo import run_dpo
-    from .reward import run_reward_model
-    from .rl import run_rl
-    from .sft import run_sft
-
     start = time.perf_counter()
     p, out = cfg.pipeline, Path(cfg.trainer.out_dir)
     rt = init_runtime(cfg)
@@ -183,8 +181,6 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         "final_policy": policy_path, "stage_seconds": timings, "wall_s": round(time.perf_counter() - start, 1),
     }
     merge_metrics(out, [s for s in ("pretrain", "sft", "rm", "rl", "dpo") if (out / s / "metrics.jsonl").exists()])
-    from ..report import write_report
-
     write_report(out, summary, before["samples"][:6], after["samples"][:6])
     write_summary(rt, out, summary)
     return summary

@@ -18,6 +18,7 @@ from rlhf_engine.algorithms.advantages import (
     shaped_rewards,
 )
 from rlhf_engine.algorithms.rl import advantages, resolve, rl_objective, step_weights
+from rlhf_engine.data.streams import StepTotals
 from rlhf_engine.config import RLConfig
 
 # two left-padded rows: response tokens at positions 1..3 (row 0) and 2..3 (row 1)
@@ -159,9 +160,8 @@ def test_grpo_objective_equals_trl_grpo_loss(loss_type, dr_grpo):
     seq_adv = torch.randn(B)
     agg = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dr_grpo": "token_sum_norm"}[loss_type]
     s = resolve("grpo", RLConfig(group=2, kl_coef=0.04, dr_grpo=dr_grpo, aggregation=agg), max_new_tokens=T)
-    batch = ExperienceBatch(ids, docs, targets, mask, old, ref, seq_adv[:, None] * mask, None, None, None, kl_coef=0.04,
-                            totals={"tokens": float(mask.sum()), "sequences": float(B), "ptx_tokens": 0.0})
-    ours, _ = rl_objective(s)(model, batch, B)
+    batch = ExperienceBatch(ids, docs, targets, mask, old, ref, seq_adv[:, None] * mask, None, None, None, kl_coef=0.04)
+    ours, _ = rl_objective(s)(model, batch, StepTotals.of([batch]))
     ours.backward()
     ours_grad = model.head(next(iter(s.train_roles))).lm_head.weight.grad.clone()
     model.zero_grad()
@@ -179,8 +179,9 @@ def test_grpo_objective_equals_trl_grpo_loss(loss_type, dr_grpo):
 
 def test_step_weights_normalise_by_step_totals():
     m = MASK.float()
-    w = step_weights(MASK, "seq_mean_token_mean", {"tokens": 5.0, "sequences": 4.0}, 3)
+    totals = lambda tokens: StepTotals({"response_tokens": tokens, "sequences": 4.0})  # noqa: E731
+    w = step_weights(MASK, "seq_mean_token_mean", totals(5.0), 3)
     # two local sequences of a step with 4: each row's tokens share 1 / (len * 4)
     torch.testing.assert_close(w, m / torch.tensor([[3.0], [2.0]]) / 4)
-    torch.testing.assert_close(step_weights(MASK, "token_mean", {"tokens": 10.0, "sequences": 4.0}, 3), m / 10)
-    torch.testing.assert_close(step_weights(MASK, "token_sum_norm", {"tokens": 10.0, "sequences": 4.0}, 3), m / 12)
+    torch.testing.assert_close(step_weights(MASK, "token_mean", totals(10.0), 3), m / 10)
+    torch.testing.assert_close(step_weights(MASK, "token_sum_norm", totals(10.0), 3), m / 12)

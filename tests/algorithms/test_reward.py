@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rlhf_engine.data.streams import StepTotals
 from rlhf_engine.algorithms.reward import choice_loss, pairwise_loss, ranking_objective, rule_loss
 from rlhf_engine.config import load_config
 from rlhf_engine.data.preference import Ranking, pair_batch, parse_ranking, tokenize_response
@@ -56,6 +57,44 @@ def test_rule_loss_masks_unlabeled_entries():
     torch.testing.assert_close(got, expected)
 
 
+class _LastTokenScore(torch.nn.Module):
+    """A stand-in score model: the score at a position is its token id / 10 (a response's score is set by
+    its last token)."""
+
+    def forward(self, input_ids, document_ids=None):
+        return (input_ids.float() / 10)[..., None]  # (B, S, 1)
+
+
+def test_ranking_weighting_mixed_k_before_and_after():
+    """A K=4 and a K=9 prompt in one batch. 'pair' (the old default) pools the 6 + 36 pairs, so the K=9
+    prompt carries 36/42 of the loss; 'prompt' (InstructGPT, the default now) weights each prompt's pairs
+    1/C(K, 2) and averages over the 2 prompts. Both by hand."""
+    small = [9, 7, 4, 0]  # scores x10 of the K=4 prompt's responses, ranked as listed (1 = best): agrees
+    large = [1, 8, 2, 6, 4, 9, 3, 7, 5]  # the K=9 prompt's: mostly disagrees
+    rows = []
+    for scores in (small, large):
+        responses = [([0, 0, s], 2) for s in scores]  # (ids, prompt length): the last token sets the score
+        ranks = list(range(1, len(scores) + 1))
+        pairs = [(i, j) for i in range(len(scores)) for j in range(i + 1, len(scores)) if ranks[i] < ranks[j]]
+        rows.append((responses, pairs))
+    batch = pair_batch(rows, seq_len=64, pad_id=0)
+    assert batch.counts() == {"tokens": 39, "pairs": 42, "prompts": 2}
+    per_pair = lambda sc: [-math.log(1 / (1 + math.exp(-(sc[i] - sc[j]) / 10)))  # noqa: E731
+                           for i in range(len(sc)) for j in range(i + 1, len(sc))]
+    a, b = per_pair(small), per_pair(large)
+    pooled = (sum(a) + sum(b)) / 42
+    per_prompt = (sum(a) / 6 + sum(b) / 36) / 2
+    totals = StepTotals.of([batch])
+    got_pooled, _ = ranking_objective("pair")(_LastTokenScore(), batch, totals)
+    got_prompt, stats = ranking_objective("prompt")(_LastTokenScore(), batch, totals)
+    assert got_pooled.item() == pytest.approx(pooled, rel=1e-6)
+    assert got_prompt.item() == pytest.approx(per_prompt, rel=1e-6)
+    assert per_prompt < pooled - 0.05  # pooled, the K=9 prompt's 36 pairs dominate
+    correct = sum(x < math.log(2) for x in a + b)  # pairs ordered right: loss below -log(1/2)
+    assert stats["accuracy"] == correct  # accuracy stays a sum over pairs (reported per pair)
+    assert ranking_objective("prompt").target == "prompts" and ranking_objective("pair").target == "pairs"
+
+
 def test_ranking_loss_is_mean_of_pairwise_losses_and_each_response_forwards_once():
     rows = [parse_ranking(r) for r in rankings(3, seed=4)]
     tok = train_bpe_tokenizer([y for r in rankings(50) for y in r["responses"]], vocab_size=300)
@@ -70,12 +109,12 @@ def test_ranking_loss_is_mean_of_pairwise_losses_and_each_response_forwards_once
     forwarded = []  # documents entering the head, per call: (row, document) pairs
     hook = model.head.register_forward_pre_hook(
         lambda m, args, kw: forwarded.append(int((kw["document_ids"] >= 0).sum())), with_kwargs=True)
-    loss, stats = ranking_objective(model, batch, batch.num_targets)
+    loss, stats = ranking_objective("pair")(model, batch, StepTotals.of([batch]))
     hook.remove()
     K = sum(len(r.responses) for r in rows)
     assert len(forwarded) == 1 and batch.seqs.num_sequences == K  # one forward, each response once
     assert forwarded[0] == sum(len(ids) for t in tokenized for ids, _ in t[0])
-    assert batch.num_targets == sum(len(r.pairs()) for r in rows)
+    assert batch.counts()["pairs"] == sum(len(r.pairs()) for r in rows)
 
     # Oracle: score each response alone (unpacked), then average the pairwise losses by hand.
     with torch.no_grad():

@@ -123,3 +123,35 @@ def test_full_chain_with_exact_kl_matches_materialized_autograd():
         grads.append((x.grad.clone(), w.grad.clone()))
     (dx_ref, dw_ref), (dx, dw) = grads
     assert torch.allclose(dx, dx_ref, atol=1e-6, rtol=1e-4) and torch.allclose(dw, dw_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_clamps_by_hand_and_off_by_default():
+    logp, ref = torch.tensor([-1.0, -30.0, -2.0]), torch.tensor([-1.5, -1.0, -40.0])  # d = 0.5, -29, 38
+    d = logp - ref
+    assert torch.equal(kl_estimate(logp, ref, "k3"), torch.expm1(-d) + d)  # unclamped: k3 of -29 is huge
+    got = kl_estimate(logp, ref, "k3", clamp=10.0, log_ratio_clamp=20.0)
+    dc = d.clamp(-20, 20)
+    assert got.tolist() == pytest.approx([math.exp(-0.5) - 1 + 0.5, 10.0, 10.0])  # e^29 - 30 and e^-20 + 19 cut
+    torch.testing.assert_close(got, (torch.expm1(-dc) + dc).clamp(-10, 10))
+    assert kl_estimate(logp, ref, "k1", clamp=10.0).tolist() == pytest.approx([0.5, -10.0, 10.0])
+    # a clamped token passes no gradient
+    lp = logp.clone().requires_grad_()
+    kl_estimate(lp, ref, "k1", clamp=10.0).sum().backward()
+    assert lp.grad.tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+def test_triton_equals_torch_with_kl_clamps(est):
+    logp, old, adv, mask, ref, ent, kl = _batch(seed=2)
+    with torch.no_grad():
+        ref.copy_(ref - 6 * torch.rand_like(ref) * (torch.rand_like(ref) > 0.7))  # some log-ratios beyond the clamps
+    results = []
+    for backend in ("torch", "triton"):
+        logp.grad = None
+        out = ppo_policy_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator=est, kl_clamp=1.5,
+                              log_ratio_clamp=3.0, backend=backend)
+        out.loss.backward()
+        results.append((out.loss.item(), logp.grad.clone()))
+    (l_t, g_t), (l_k, g_k) = results
+    assert l_k == pytest.approx(l_t, rel=1e-5)
+    torch.testing.assert_close(g_k, g_t, atol=1e-6, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Registries of algorithm pieces keyed by name (losses, advantage estimators, rewards).
+"""Registries keyed by name: algorithms (``catalog``), DPO losses, reward functions.
 
     DPO_LOSSES = Registry("DPO loss")
 
@@ -6,13 +6,15 @@
     def ipo(...): ...
 
     DPO_LOSSES["ipo"]          # unknown names fail listing the registered ones
+
+The bottom layer of the package: it imports nothing (see docs/architecture.md, "Layers").
 """
 
 from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-F = TypeVar("F", bound=Callable)
+F = TypeVar("F")  # an entry: a function, or a record such as catalog.RLAlgorithm
 
 
 class Registry(Generic[F]):
@@ -38,4 +40,9 @@ class Registry(Generic[F]):
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        """Names in registration order (the first built-in is the default where one is needed)."""
+        return iter(list(self._items))
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests that register a toy entry clean up with this)."""
+        self._items.pop(name, None)
