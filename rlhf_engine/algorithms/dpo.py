@@ -7,9 +7,9 @@ With Δ_w = log π(y_w|x) - log π_ref(y_w|x), Δ_l likewise (sums over response
     ipo      (Azar et al. 2023)               ((Δ_w / n_w - Δ_l / n_l) - 1 / (2β))^2
 
 IPO uses per-token mean log-ratios (n = response tokens), as TRL does; the tests check each loss against
-TRL's own code. The implicit rewards β Δ_w and β Δ_l are reported. The reference log-probs come from the
-frozen reference head over the shared trunk: one no-grad pass per micro-batch, whose trunk states the
-policy head then reuses.
+TRL's own code. The implicit rewards β Δ_w and β Δ_l are reported. The policy and the frozen reference head
+run in one forward over the shared trunk (the trunk once, the reference head without a graph), which
+under pipeline parallelism is one pass through the stages.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from ..data.preference import PairBatch
 from ..data.streams import StepTotals
-from ..models.roles import Role, RoleModel
+from ..models.roles import Role, RoleOutput
 from ..registry import Registry
-from .objective import Objective
+from .objective import ModelPass, Objective
 
 DPO_LOSSES: Registry = Registry("DPO loss")
 
@@ -52,14 +52,16 @@ def ipo_loss(d_w, d_l, n_w, n_l, *, beta: float, label_smoothing: float = 0.0) -
 def dpo_objective(loss_type: str, beta: float, label_smoothing: float = 0.0) -> Objective:
     loss_fn = DPO_LOSSES[loss_type]
 
-    def objective(model: RoleModel, batch: PairBatch, totals: StepTotals):
+    def passes(batch: PairBatch) -> list[ModelPass]:
+        s = batch.seqs
+        inputs = {"input_ids": s.input_ids, "document_ids": s.document_ids, "targets": s.labels,
+                  "roles": (Role.POLICY, Role.REFERENCE)}
+        return [ModelPass(inputs, lambda out, totals: loss(batch, out, totals))]
+
+    def loss(batch: PairBatch, out: RoleOutput, totals: StepTotals):
         """Targets are pairs. Stats: reward accuracy (Δ_w > Δ_l), implicit rewards and their margin."""
         s = batch.seqs
-        with torch.no_grad():
-            ref = model(s.input_ids, document_ids=s.document_ids, targets=s.labels, roles={Role.REFERENCE})
-        pol = model(s.input_ids, document_ids=s.document_ids, targets=s.labels, roles={Role.POLICY},
-                    trunk_states=ref.trunk_states)
-        ratio = s.sum_per_sequence(pol.logp.float() - ref.ref_logp.float())  # (R,) log π/π_ref per sequence
+        ratio = s.sum_per_sequence(out.logp.float() - out.ref_logp.float())  # (R,) log π/π_ref per sequence
         counts = s.count_per_sequence()  # (R,)
         d_w, d_l = ratio[batch.chosen], ratio[batch.rejected]  # (M,)
         losses = loss_fn(d_w, d_l, counts[batch.chosen], counts[batch.rejected], beta=beta,
@@ -69,4 +71,4 @@ def dpo_objective(loss_type: str, beta: float, label_smoothing: float = 0.0) -> 
             "accuracy": float((r_w > r_l).sum()), "reward_chosen": float(r_w.sum()),
             "reward_rejected": float(r_l.sum()), "margin": float((r_w - r_l).sum())}
 
-    return Objective(objective, target="pairs")
+    return Objective(passes, target="pairs")

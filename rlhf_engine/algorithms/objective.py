@@ -1,14 +1,19 @@
-"""What the trainer optimises: a loss over one micro-batch, normalised by the step's totals.
+"""What the trainer optimises: per micro-batch, model passes and a loss normalised by the step's totals.
 
-    objective = Objective(sft_loss, target="targets")
+    objective = Objective(lambda b: [ModelPass(inputs, loss)], target="targets")
     loss, stats = objective(model, micro_batch, totals)    # totals: data.streams.StepTotals
 
-``fn(model, batch, totals) -> (loss, stats)``: the loss of the micro-batch already divided by the
-whole optimizer step's totals (``totals[target]`` for a plain mean; an algorithm may divide by several,
-as RL does by response tokens and sequences), so the sum of the micro-batches' losses over
-accumulation and data-parallel ranks is the step's loss. ``stats`` are *sums* over the micro-batch; the
-trainer adds them over micro-batches and ranks and divides each by the total named in
-``stat_counts`` (default: ``target``). ``target`` is also what the trainer reports as ``targets``.
+A micro-batch becomes one or more ``ModelPass``es: the keyword arguments of one model forward
+(``inputs``), and ``loss(output, totals) -> (loss, stats)`` on that forward's output. Most objectives
+have one pass; PPO-ptx adds a pass over pretraining rows. Keeping the forward's inputs apart from the
+loss is what lets a pipeline-parallel model run the forward over its stages and the loss on the last
+one (``parallel/pipeline.py``); in one process ``Objective.__call__`` runs them back to back.
+
+Each loss is the micro-batch's share already divided by the whole optimizer step's totals
+(``totals[target]`` for a plain mean; an algorithm may divide by several, as RL does by response tokens
+and sequences), so the sum over micro-batches, passes and data-parallel ranks is the step's loss.
+``stats`` are *sums*; the trainer adds them over micro-batches and ranks and divides each by the total
+named in ``stat_counts`` (default: ``target``). ``target`` is also what the trainer reports as ``targets``.
 """
 
 from __future__ import annotations
@@ -20,17 +25,31 @@ import torch
 
 from ..data.streams import StepTotals
 
-LossFn = Callable[[Any, Any, StepTotals], "tuple[torch.Tensor, dict[str, float]]"]
+LossOfOutput = Callable[[Any, StepTotals], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass(frozen=True)
+class ModelPass:
+    inputs: dict[str, Any]  # keyword arguments of the model's forward (input_ids, document_ids, targets, ...)
+    loss: LossOfOutput  # the forward's output -> (loss, stat sums)
 
 
 @dataclass(frozen=True)
 class Objective:
-    fn: LossFn
+    passes: Callable[[Any], list[ModelPass]]  # micro-batch -> its model passes
     target: str  # the count the loss is a mean over: tokens of labels, pairs, prompts, sequences...
     stat_counts: Mapping[str, str] = field(default_factory=dict)  # stat -> the total it is a mean over
 
     def __call__(self, model, batch, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.fn(model, batch, totals)
+        """The micro-batch's loss and stat sums, its passes run one after another on ``model``."""
+        loss, stats = None, {}
+        for p in self.passes(batch):
+            inputs = dict(p.inputs)
+            part, part_stats = p.loss(model(inputs.pop("input_ids"), **inputs), totals)
+            loss = part if loss is None else loss + part
+            for k, v in part_stats.items():
+                stats[k] = stats.get(k, 0.0) + v
+        return loss, stats
 
     def count_of(self, stat: str) -> str:
         return self.stat_counts.get(stat, self.target)

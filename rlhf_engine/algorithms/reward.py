@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from ..data.preference import ChoiceBatch, PairBatch, RuleBatch
 from ..data.streams import StepTotals
-from ..models.score import ScoreModel
-from .objective import Objective
+from .objective import ModelPass, Objective
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -53,7 +52,12 @@ def rule_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------------------------- objectives
-# (model, micro-batch, step totals) -> (loss, stat sums); see objective.py
+# micro-batch -> one score-model pass; (scores (R, S, outputs), step totals) -> (loss, stat sums); see objective.py
+
+
+def score_inputs(seqs) -> dict:
+    """The score model's forward over a micro-batch's packed sequences (each response forwarded once)."""
+    return {"input_ids": seqs.input_ids, "document_ids": seqs.document_ids}
 
 
 def ranking_objective(weighting: str = "prompt") -> Objective:
@@ -67,9 +71,11 @@ def ranking_objective(weighting: str = "prompt") -> Objective:
     """
     per_prompt = weighting == "prompt"
 
-    def fn(model: ScoreModel, batch: PairBatch, totals: StepTotals):
-        s = batch.seqs
-        scores = s.read_last(model(s.input_ids, document_ids=s.document_ids)[..., 0])  # (R,) one forward each
+    def passes(batch: PairBatch) -> list[ModelPass]:
+        return [ModelPass(score_inputs(batch.seqs), lambda out, totals: loss(batch, out, totals))]
+
+    def loss(batch: PairBatch, out: torch.Tensor, totals: StepTotals):
+        scores = batch.seqs.read_last(out[..., 0])  # (R,) one forward per response
         r_w, r_l = scores[batch.chosen], scores[batch.rejected]  # (M,)
         per_pair = pairwise_loss(r_w, r_l)
         if per_prompt:
@@ -79,33 +85,38 @@ def ranking_objective(weighting: str = "prompt") -> Objective:
         margin = (r_w - r_l).detach()
         return loss, {"accuracy": float((margin > 0).sum()), "margin": float(margin.sum())}
 
-    return Objective(fn, target="prompts" if per_prompt else "pairs",
+    return Objective(passes, target="prompts" if per_prompt else "pairs",
                      stat_counts={"accuracy": "pairs", "margin": "pairs"})
 
 
 def choice_objective(bt_weight: float, reg_weight: float) -> Objective:
-    def fn(model: ScoreModel, batch: ChoiceBatch, totals: StepTotals):
+    def passes(batch: ChoiceBatch) -> list[ModelPass]:
+        return [ModelPass(score_inputs(batch.seqs), lambda out, totals: loss(batch, out, totals))]
+
+    def loss(batch: ChoiceBatch, out: torch.Tensor, totals: StepTotals):
         """Sparrow preference loss; targets are prompts. Stats: top-1 accuracy, mean score."""
-        s = batch.seqs
-        per_seq = s.read_last(model(s.input_ids, document_ids=s.document_ids)[..., 0])  # (R,)
+        per_seq = batch.seqs.read_last(out[..., 0])  # (R,)
         valid = batch.options >= 0
         scores = per_seq[batch.options.clamp(min=0)] * valid  # (P, N)
-        loss = choice_loss(scores, valid, batch.chosen, bt_weight=bt_weight, reg_weight=reg_weight)
+        losses = choice_loss(scores, valid, batch.chosen, bt_weight=bt_weight, reg_weight=reg_weight)
         picked = scores.detach().masked_fill(~valid, float("-inf")).argmax(1)
         mean_score = (scores.detach() * valid).sum(1) / valid.sum(1)
-        return loss.sum() / max(totals["prompts"], 1), {"accuracy": float((picked == batch.chosen).sum()),
+        return losses.sum() / max(totals["prompts"], 1), {"accuracy": float((picked == batch.chosen).sum()),
                                                         "mean_score": float(mean_score.sum())}
 
-    return Objective(fn, target="prompts")
+    return Objective(passes, target="prompts")
 
 
-def _rule_loss(model: ScoreModel, batch: RuleBatch, totals: StepTotals):
+def _rule_passes(batch: RuleBatch) -> list[ModelPass]:
+    return [ModelPass(score_inputs(batch.seqs), lambda out, totals: _rule_loss(batch, out, totals))]
+
+
+def _rule_loss(batch: RuleBatch, out: torch.Tensor, totals: StepTotals):
     """Rule-violation BCE; targets are labeled (dialogue, rule) entries. Stat: accuracy at p = 0.5."""
-    s = batch.seqs
-    logits = s.read_last(model(s.input_ids, document_ids=s.document_ids))  # (R, n_rules)
+    logits = batch.seqs.read_last(out)  # (R, n_rules)
     loss = rule_loss(logits, batch.labels, batch.mask).sum() / max(totals["labels"], 1)
     right = ((logits.detach() > 0).float() == batch.labels) & batch.mask
     return loss, {"accuracy": float(right.sum())}
 
 
-RULES = Objective(_rule_loss, target="labels")
+RULES = Objective(_rule_passes, target="labels")

@@ -37,7 +37,7 @@ from ..data.packing import IGNORE_INDEX
 from ..data.streams import StepTotals
 from ..models.roles import Role
 from .advantages import AdvantageInputs, Reduce, masked_whiten
-from .objective import Objective
+from .objective import ModelPass, Objective
 
 if TYPE_CHECKING:  # typing only: the config layer sits above the algorithms
     from ..config import RLConfig
@@ -129,9 +129,19 @@ def rl_objective(s: RLSettings) -> Objective:
     c = s.cfg
     clip = c.clip_eps if s.algorithm.clip else math.inf
 
-    def loss_fn(model, b, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model(b.input_ids, document_ids=b.document_ids, targets=b.targets, trunk_states=b.trunk_states,
-                    roles=s.train_roles, temperature=s.temperature)
+    def passes(b) -> list[ModelPass]:
+        """The experience pass (policy and, with a critic, value heads; from cached trunk states when
+        kept), then PPO-ptx's language-model pass over pretraining rows when mixed in."""
+        main = {"input_ids": b.input_ids, "document_ids": b.document_ids, "targets": b.targets,
+                "trunk_states": b.trunk_states, "roles": s.train_roles, "temperature": s.temperature}
+        out = [ModelPass(main, lambda o, totals: rl_loss(b, o, totals))]
+        if b.ptx is not None and c.ptx_coef > 0:
+            p = b.ptx
+            ptx = {"input_ids": p.input_ids, "document_ids": p.document_ids, "targets": p.labels, "roles": (Role.POLICY,)}
+            out.append(ModelPass(ptx, lambda o, totals: ptx_loss(p, o, totals)))
+        return out
+
+    def rl_loss(b, out, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
         w = step_weights(b.mask, s.aggregation, totals, s.max_new_tokens)  # (n, T)
         kl_coef = b.kl_coef if s.kl_in == "loss" else 0.0
         old = out.logp.detach() if b.on_policy else b.old_logp
@@ -150,16 +160,15 @@ def rl_objective(s: RLSettings) -> Objective:
             loss = loss + c.value_coef * val.loss
             stats["value_loss"] = float(val.metrics["value_loss"]) * per_seq
             stats["value_clip_fraction"] = float(val.metrics["value_clip_fraction"]) * n_tok
-        if b.ptx is not None and c.ptx_coef > 0:
-            p = b.ptx
-            logp = model(p.input_ids, document_ids=p.document_ids, targets=p.labels, roles={Role.POLICY}).logp
-            valid = p.labels.ne(IGNORE_INDEX)
-            ptx = -(logp * valid).sum() / max(totals["ptx_tokens"], 1.0)
-            loss = loss + c.ptx_coef * ptx
-            stats["ptx_loss"] = float(ptx.detach()) * per_seq
         return loss, stats
 
-    return Objective(loss_fn, target="sequences", stat_counts={k: "response_tokens" for k in TOKEN_STATS})
+    def ptx_loss(p, out, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
+        """PPO-ptx (Ouyang et al. 2022): ptx_coef x the pretraining rows' mean token NLL."""
+        valid = p.labels.ne(IGNORE_INDEX)
+        ptx = -(out.logp * valid).sum() / max(totals["ptx_tokens"], 1.0)
+        return c.ptx_coef * ptx, {"ptx_loss": float(ptx.detach()) * totals["sequences"]}
+
+    return Objective(passes, target="sequences", stat_counts={k: "response_tokens" for k in TOKEN_STATS})
 
 
 def settings_dict(s: RLSettings) -> dict[str, Any]:

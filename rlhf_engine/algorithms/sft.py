@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_kernels import LogprobOutput
+
 from ..data.packing import PackedBatch
 from ..data.streams import StepTotals
-from ..models.transformer import Transformer
-from .objective import Objective
+from .objective import ModelPass, Objective
 
 
-def sft_loss(model: Transformer, batch: PackedBatch, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
+def sft_nll(out: LogprobOutput, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
     """sum over target tokens of -log p(y_t | x_<t), divided by ``totals["targets"]``.
 
     ``targets`` counts the label tokens of the whole accumulated step (all micro-batches and all
@@ -18,10 +19,14 @@ def sft_loss(model: Transformer, batch: PackedBatch, totals: StepTotals) -> tupl
     the tokens fall into micro-batches. Log-probs come from the fused LM-head kernel (no logits);
     ignored positions have logp = 0. Stats are sums, to be added across micro-batches and ranks.
     """
-    out = model(batch.input_ids, document_ids=batch.document_ids, targets=batch.labels)
     nll = -out.logp.sum()
     stats = {"accuracy": float(out.is_argmax.sum())}  # per-target sum: the trainer reports the mean
     return nll / max(totals["targets"], 1), stats
 
 
-SFT = Objective(sft_loss, target="targets")
+def sft_pass(batch: PackedBatch) -> list[ModelPass]:
+    return [ModelPass({"input_ids": batch.input_ids, "document_ids": batch.document_ids, "targets": batch.labels},
+                      sft_nll)]
+
+
+SFT = Objective(sft_pass, target="targets")

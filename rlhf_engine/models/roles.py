@@ -29,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from pydantic import TypeAdapter
@@ -214,33 +214,79 @@ class RoleModel(nn.Module):
         trunk_states: torch.Tensor | None = None,  # cached boundary states: skip the trunk
         temperature: float = 1.0,
     ) -> RoleOutput:
-        roles = set(self.roles if roles is None else roles)
-        if roles - set(self.roles):
-            raise ValueError(f"roles {sorted(r.value for r in roles - set(self.roles))} were not built")
-        out: dict[str, torch.Tensor | None] = {}
-        if self.trunk is not None:
-            if trunk_states is None:
-                with torch.no_grad():  # frozen: no graph, no backward through the trunk
-                    trunk_states = self.trunk(input_ids, document_ids=document_ids, positions=positions)
-            x = trunk_states
-            out["trunk_states"] = trunk_states
-        else:
-            x = input_ids
         if document_ids is None and positions is None:  # the heads see states, not tokens: give the length
-            B, S = input_ids.shape
+            B, S = input_ids.shape[:2]
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
-        hidden = {}
-        # A fixed order, not the set's: under TP/FSDP every rank must issue the heads' collectives in the
-        # same sequence, and a set of enums iterates in a per-process (hash-seeded) order.
-        for role in (r for r in Role if r in roles):
-            with torch.enable_grad() if TRAINABLE[role] else torch.no_grad():
-                hidden[role] = self.head(role)(x, document_ids=document_ids, positions=positions)  # (B, S, D)
+        cached = trunk_states is not None
+        return self.stage_forward(trunk_states if cached else input_ids, range(self.entry_layer(cached), self.config.num_layers),
+                                  first=not cached, last=True, roles=roles, document_ids=document_ids,
+                                  positions=positions, targets=targets, temperature=temperature)
+
+    def entry_layer(self, cached_trunk: bool) -> int:
+        """The first layer a forward runs: k when the trunk's boundary states are given, else 0."""
+        return self.trunk_layers if cached_trunk else 0
+
+    def stage_forward(
+        self,
+        x: "torch.Tensor | dict[str, torch.Tensor]",  # tokens (first), trunk states (B, S, D), or role -> head states
+        layers: Sequence[int],  # global layer indices this stage runs
+        *,
+        first: bool,
+        last: bool,
+        roles: Iterable[Role] | None = None,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> "RoleOutput | torch.Tensor | dict[str, torch.Tensor]":
+        """Layers ``layers`` of the trunk (i < k, no graph) and of every requested head (i >= k, each head
+        with a graph if it trains); the embedding if ``first``, the final norms and outputs if ``last``.
+        ``forward`` is this over all layers; a pipeline stage (``parallel/pipeline.py``) runs a slice
+        and hands on the trunk's states, or one tensor per head once the heads have begun."""
+        roles = self._requested(roles)
+        k = self.trunk_layers
+        out: dict[str, torch.Tensor | None] = {}
+        if first:
+            if self.trunk is not None:
+                with torch.no_grad():
+                    x = self.trunk.embed_tokens(x)  # (B, S, D)
+            else:  # k = 0: every head starts from the tokens with its own embedding
+                x = {r.value: self._in_mode(r, self.head(r).embed_tokens, x) for r in roles}
+        part = self.trunk if self.trunk is not None else self.head(roles[0])
+        ctx = part.layer_context(x if torch.is_tensor(x) else next(iter(x.values())), positions=positions,
+                                 document_ids=document_ids)
+        trunk_part, head_part = [i for i in layers if i < k], [i for i in layers if i >= k]
+        if trunk_part:
+            with torch.no_grad():  # frozen: no graph, no backward through the trunk
+                x = self.trunk.run_layers(x, ctx, trunk_part)
+        if torch.is_tensor(x) and (head_part or last):  # the trunk ends here: every head starts from its states
+            out["trunk_states"] = x
+            x = {r.value: x for r in roles}
+        if head_part:
+            # A fixed order, not the set's: under TP/FSDP every rank must issue the heads' collectives in the
+            # same sequence, and a set of enums iterates in a per-process (hash-seeded) order.
+            x = {r.value: self._in_mode(r, self.head(r).run_layers, x[r.value], ctx, head_part) for r in roles}
+        if not last:
+            return x
+        hidden = {r: self._in_mode(r, self.head(r).norm, x[r.value]) for r in roles}  # (B, S, D) each
         if targets is not None and (Role.POLICY in roles or Role.REFERENCE in roles):
             out.update(self._logprobs(hidden, targets, temperature))
         for role, name in ((Role.CRITIC, "values"), (Role.REWARD, "rewards")):
             if role in roles:
                 out[name] = self.head(role).score(hidden[role]).squeeze(-1).float()  # (B, S)
         return RoleOutput(**out)
+
+    def _requested(self, roles: Iterable[Role] | None) -> tuple[Role, ...]:
+        roles = set(self.roles if roles is None else roles)
+        if roles - set(self.roles):
+            raise ValueError(f"roles {sorted(r.value for r in roles - set(self.roles))} were not built")
+        return tuple(r for r in Role if r in roles)
+
+    @staticmethod
+    def _in_mode(role: Role, fn, *args):
+        """``fn(*args)`` with a graph only for a trainable role."""
+        with torch.enable_grad() if TRAINABLE[role] else torch.no_grad():
+            return fn(*args)
 
     def _logprobs(self, hidden, targets, temperature) -> dict[str, torch.Tensor | None]:
         ref_hidden = ref_weight = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
@@ -79,15 +79,40 @@ class ScoreModel(nn.Module):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores at every position, (B, S, num_outputs) in fp32; read each sequence's last token."""
-        x = input_ids
-        if self.trunk is not None:
+        if document_ids is None and positions is None:  # the head sees states, not tokens: give the length
+            B, S = input_ids.shape[:2]
+            positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        return self.stage_forward(input_ids, range(self.config.num_layers), first=True, last=True,
+                                  document_ids=document_ids, positions=positions)
+
+    def stage_forward(
+        self,
+        x: torch.Tensor,  # (B, S) tokens on the first stage, else (B, S, D)
+        layers: Sequence[int],  # global layer indices this stage runs
+        *,
+        first: bool,
+        last: bool,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``layers`` of the frozen trunk (no graph) and of the head, the embedding if ``first``, the
+        final norm and score if ``last``; ``forward`` is this over all layers (``parallel/pipeline.py``)."""
+        k = self.trunk_layers
+        trunk_part, head_part = [i for i in layers if i < k], [i for i in layers if i >= k]
+        if first:
+            if self.trunk is not None:
+                with torch.no_grad():
+                    x = self.trunk.embed_tokens(x)  # (B, S, D)
+            else:
+                x = self.head.embed_tokens(x)
+        ctx = (self.trunk if self.trunk is not None else self.head).layer_context(x, positions=positions, document_ids=document_ids)
+        if trunk_part:
             with torch.no_grad():  # frozen: no graph through the trunk
-                x = self.trunk(input_ids, document_ids=document_ids, positions=positions)  # (B, S, D)
-            if document_ids is None and positions is None:
-                B, S = input_ids.shape
-                positions = torch.arange(S, device=input_ids.device).expand(B, S)
-        hidden = self.head(x, document_ids=document_ids, positions=positions)  # (B, S, D)
-        return self.head.score(hidden).float() + self.bias  # (B, S, num_outputs)
+                x = self.trunk.run_layers(x, ctx, trunk_part)
+        x = self.head.run_layers(x, ctx, head_part)
+        if not last:
+            return x
+        return self.head.score(self.head.norm(x)).float() + self.bias  # (B, S, num_outputs)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Trunk and head as one decoder's state (our names) plus ``score.weight``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config.model import RopeScaling, TransformerConfig
 
-__all__ = ["KVCache", "LayerSpec", "RopeScaling", "Transformer", "TransformerConfig"]
+__all__ = ["KVCache", "LayerContext", "LayerSpec", "RopeScaling", "Transformer", "TransformerConfig"]
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
@@ -257,6 +257,16 @@ class KVCache:
         self._pending = 0
 
 
+@dataclass
+class LayerContext:
+    """What every decoder layer of one forward shares: rotary tables (B, S, d), masks per window, the cache."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    masks: Callable[[int | None], torch.Tensor | None]
+    kv_cache: KVCache | None = None
+
+
 def local_vocab_shard(weight: torch.Tensor) -> tuple[torch.Tensor, int, "torch.distributed.ProcessGroup | None"]:
     """(rows this rank holds, their offset in the vocabulary, tensor-parallel group or None) of an
     LM-head weight: the weight itself when not sharded, the local shard of a vocab-sharded DTensor."""
@@ -332,7 +342,7 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # (B, S) tokens; (B, S, D) hidden states on a pipeline stage without the embedding
+        input_ids: torch.Tensor,  # (B, S) tokens; (B, S, D) hidden states on a slice without the embedding
         *,
         positions: torch.Tensor | None = None,  # (B, S); default: restart per document / continue cache
         document_ids: torch.Tensor | None = None,  # (B, S); packed rows or padding
@@ -348,10 +358,49 @@ class Transformer(nn.Module):
         vocabulary shard, its offset and the group come from the sharded weight.
         """
         x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids  # (B, S, D)
-        # Under sequence parallelism a later pipeline stage receives only its share of the sequence;
-        # rotary tables and masks are for the whole sequence, whose length document_ids/positions carry.
-        full = positions if positions is not None else document_ids
-        B, S = full.shape if full is not None else x.shape[:2]
+        ctx = self.layer_context(x, shape_of=input_ids, positions=positions, document_ids=document_ids,
+                                 kv_cache=kv_cache)
+        x = self.run_layers(x, ctx)
+        if self.norm is None:  # a trunk: hand the residual stream on
+            return x  # (the slice that ends the decoder commits the cache step: trunk and head share one)
+        return self.finish(x, kv_cache=kv_cache, targets=targets, temperature=temperature)
+
+    def stage_forward(
+        self,
+        x: torch.Tensor,  # (B, S) tokens on the first stage, else (B, S, D) (S / tp under sequence parallelism)
+        layers: Sequence[int],  # this stage's layer indices
+        *,
+        first: bool,
+        last: bool,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor | LogprobOutput:
+        """One pipeline stage's share of ``forward`` (``parallel/pipeline.py``): the embedding if
+        ``first``, ``layers``, and the final norm and output if ``last``; the same pieces as forward,
+        so a stage computes exactly what the whole model computes there."""
+        if first:
+            x = self.embed_tokens(x)
+        ctx = self.layer_context(x, positions=positions, document_ids=document_ids)
+        x = self.run_layers(x, ctx, layers)
+        return self.finish(x, targets=targets, temperature=temperature) if last else x
+
+    def layer_context(
+        self,
+        x: torch.Tensor,  # (B, S, D) the layers' input
+        *,
+        shape_of: torch.Tensor | None = None,  # the tokens, whose (B, S) is the sequence's (x may be S / tp)
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> "LayerContext":
+        """Rotary tables and masks shared by every layer of one forward.
+
+        Under sequence parallelism a layer's input holds S / tp tokens; rotary tables and masks are for
+        the whole sequence, whose length ``positions``/``document_ids`` (or the tokens) carry."""
+        full = next((t for t in (positions, document_ids, shape_of) if t is not None), x)
+        B, S = full.shape[:2]
         masks = self._mask_builder(B, S, x.device, document_ids, kv_cache)
         if positions is None:
             if kv_cache is not None:
@@ -361,10 +410,19 @@ class Transformer(nn.Module):
             else:
                 positions = torch.arange(S, device=x.device).expand(B, S)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # (B, S, d) each
-        for index, layer in self.layers.items():
-            x = layer(x, cos, sin, masks(self.config.layer_window(int(index))), kv_cache)
-        if self.norm is None:  # a trunk or an early pipeline stage: hand the residual stream on
-            return x  # (the slice that ends the decoder commits the cache step: trunk and head share one)
+        return LayerContext(cos, sin, masks, kv_cache)
+
+    def run_layers(self, x: torch.Tensor, ctx: "LayerContext", layers: Sequence[int] | None = None) -> torch.Tensor:
+        """The residual stream (B, S, D) through ``layers`` (global indices; default: all this slice holds)."""
+        for index in (self.layers if layers is None else map(str, layers)):
+            x = self.layers[index](x, ctx.cos, ctx.sin, ctx.masks(self.config.layer_window(int(index))), ctx.kv_cache)
+        return x
+
+    def finish(
+        self, x: torch.Tensor, *, kv_cache: KVCache | None = None, targets: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor | LogprobOutput:
+        """Final norm (committing a decode step), then hidden states or, with ``targets``, log-probs."""
         if kv_cache is not None:
             kv_cache.commit()
         hidden = self.norm(x)

@@ -106,8 +106,8 @@ def test_ranking_loss_is_mean_of_pairwise_losses_and_each_response_forwards_once
     tokenized = [([tokenize_response(tok, r.prompt, y) for y in r.responses], r.pairs()) for r in rows]
     batch = pair_batch(tokenized, seq_len=128, pad_id=tok.pad_token_id)
 
-    forwarded = []  # documents entering the head, per call: (row, document) pairs
-    hook = model.head.register_forward_pre_hook(
+    forwarded = []  # tokens of documents entering the model, per call
+    hook = model.register_forward_pre_hook(
         lambda m, args, kw: forwarded.append(int((kw["document_ids"] >= 0).sum())), with_kwargs=True)
     loss, stats = ranking_objective("pair")(model, batch, StepTotals.of([batch]))
     hook.remove()
