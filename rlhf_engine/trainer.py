@@ -41,6 +41,7 @@ from .config import OptimConfig, RunConfig
 from .data.streams import Batch, Step, StepTotals
 from .parallel.checkpoint import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from .parallel.fp8 import fp8_metrics
+from .parallel.pipeline import PipelinedModel
 from .parallel.runtime import Runtime
 
 B = TypeVar("B", bound=Batch)
@@ -83,6 +84,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: Sequence[ParamGr
     Parameters matched by none of ``groups`` train at ``optim.lr``; each group at its own rate."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
+        if isinstance(model, PipelinedModel):  # a stage of the frozen trunk alone: nothing to step
+            return torch.optim.AdamW([{"params": [], "lr": cfg.lr}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         raise ValueError("the model has no trainable parameters")
     owner = [next((i for i, g in enumerate(groups) if g.match(n)), -1) for n, _ in named]
     out = []
@@ -133,14 +136,9 @@ def train_step(
     model.train()
     if totals is None:
         totals = StepTotals.of(micro_batches)
-    loss_total, stats_total = 0.0, {}
-    for mb in micro_batches:
-        loss, stats = objective(model, mb, totals)
-        (loss * loss_scale).backward()
-        loss_total += loss.item()
-        for k, v in stats.items():
-            stats_total[k] = stats_total.get(k, 0.0) + v
-    grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], grad_clip)
+    loss_total, stats_total = forward_backward(model, objective, micro_batches, totals, train=True,
+                                               loss_scale=loss_scale)
+    grad_norm = clip_model_grads(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
@@ -148,10 +146,44 @@ def train_step(
     return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, **stats_total}
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
+def forward_backward(model: nn.Module, objective: Objective, micro_batches: Sequence[Any], totals: StepTotals, *,
+                     train: bool, loss_scale: float = 1.0) -> tuple[float, dict[str, float]]:
+    """The summed loss and stat sums of ``micro_batches``, with gradients accumulated when ``train``.
+
+    One process (or TP/FSDP): each micro-batch's passes run on the model and backward follows. Under
+    pipeline parallelism every pass of every micro-batch is one pipeline micro-batch, run by the
+    configured schedule (``parallel/pipeline.py``), and the numbers come back from the last stage."""
+    if isinstance(model, PipelinedModel):
+        passes = [p for mb in micro_batches for p in objective.passes(mb)]
+        return model.run(passes, totals, train=train, loss_scale=loss_scale)
+    loss_total, stats_total = 0.0, {}
+    for mb in micro_batches:
+        loss, stats = objective(model, mb, totals)
+        if train:
+            (loss * loss_scale).backward()
+        loss_total += float(loss.detach())
+        for k, v in stats.items():
+            stats_total[k] = stats_total.get(k, 0.0) + v
+    return loss_total, stats_total
+
+
+def clip_model_grads(model: nn.Module, max_norm: float | None) -> float:
+    """``clip_grad_norm`` over the model's gradients; under pipeline parallelism the global norm of every
+    stage's gradients (a tied weight counted once)."""
+    if isinstance(model, PipelinedModel):
+        return clip_grad_norm(model.grad_norm_params(), max_norm, reduce=model.reduce_squares,
+                              also=[p for p in model.parameters() if p.grad is not None])
+    return clip_grad_norm([p for p in model.parameters() if p.grad is not None], max_norm)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, *,
+                   reduce: Callable[[float], float] | None = None, also: Sequence[nn.Parameter] = ()) -> float:
     """Global gradient 2-norm, then scale gradients to at most ``max_norm``. Parameters may mix DTensors
     (sharded by TP/FSDP: their norm is reduced over the mesh) and plain tensors (replicated, e.g. norm
-    gains under TP without sequence parallelism: the same on every rank), which torch's clip refuses."""
+    gains under TP without sequence parallelism: the same on every rank), which torch's clip refuses.
+
+    ``reduce``: sums the squared norm over other ranks holding other parameters (pipeline stages);
+    ``also``: parameters scaled with the rest but not counted (a tied weight's second copy)."""
     groups: dict[bool, list[torch.Tensor]] = {}
     for p in params:
         groups.setdefault(hasattr(p.grad, "full_tensor"), []).append(p.grad)
@@ -160,11 +192,14 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         squares += float(norm) ** 2
+    if reduce is not None:
+        squares = reduce(squares)
     total = math.sqrt(squares)
     if max_norm is not None and total > max_norm:
         coef = max_norm / (total + 1e-6)
-        for grads in groups.values():
-            torch._foreach_mul_(grads, coef)
+        scaled = {id(p): p for p in [*params, *also]}
+        if scaled:  # a pipeline stage of the frozen trunk alone has no gradients
+            torch._foreach_mul_([p.grad for p in scaled.values()], coef)
     return total
 
 
@@ -336,12 +371,8 @@ class Trainer(Generic[B]):
             self.model.eval()
             totals = StepTotals.of(self.eval_batches)
             unit = StepTotals.unit(totals)  # the objective then returns sums; divided below
-            loss, sums = 0.0, {}
-            for b in self.eval_batches:
-                value, stats = self.objective(self.model, b.to(self.rt.device), unit)
-                loss += float(value)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
+            batches = [b.to(self.rt.device) for b in self.eval_batches]
+            loss, sums = forward_backward(self.model, self.objective, batches, unit, train=False)
             mean = lambda v, count: v / max(totals[count], 1)  # noqa: E731
             out = {"eval_loss": mean(loss, self.objective.target),
                    **{f"eval_{k}": mean(v, self.objective.count_of(k)) for k, v in sums.items()}}

@@ -24,11 +24,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split norms and residual adds along the sequence across the tp ranks (Korthikanti et al. 2022)."""
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
-    """Pipeline schedule."""
+    """Pipeline schedule; its micro-batches are the trainer's (trainer.grad_accum_steps per step, each
+    model pass of one, e.g. PPO-ptx's, counted)."""
     pp_stages_per_rank: int = 1
-    """Virtual stages per pipeline rank (interleaved_1f1b only)."""
-    pp_microbatches: int | None = None
-    """Microbatches per pipeline step; None: 2 * pp."""
+    """Virtual stages per pipeline rank (interleaved_1f1b; gpipe also runs them)."""
+    pp_first_stage_layers: int | None = None
+    """Layers of the first pipeline stage; None: balanced by cost (docs/architecture.md)."""
+    pp_last_stage_layers: int | None = None
+    """Layers of the last pipeline stage; None: balanced by cost."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward, keeping only its input."""
 
@@ -38,8 +41,11 @@ class ParallelConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.dp_shard < 1 and self.dp_shard != -1:
             raise ValueError("dp_shard must be >= 1, or -1 to fill the world size")
-        if self.pp_stages_per_rank > 1 and self.pp_schedule != "interleaved_1f1b":
-            raise ValueError("pp_stages_per_rank > 1 needs pp_schedule='interleaved_1f1b'")
+        if self.pp_stages_per_rank > 1 and self.pp_schedule == "1f1b":
+            raise ValueError("pp_stages_per_rank > 1 needs pp_schedule='interleaved_1f1b' (or 'gpipe')")
+        for name in ("pp_first_stage_layers", "pp_last_stage_layers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or null: balanced by cost)")
 
 
 TE_RECIPES = ("delayed", "current", "block")

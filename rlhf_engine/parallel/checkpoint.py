@@ -147,7 +147,10 @@ def load_rank_state(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the unsharded model state on CPU, materialized on rank 0 only (empty elsewhere)."""
+    """Collective: the unsharded model state on CPU, materialized on rank 0 only (empty elsewhere); from
+    every pipeline stage of a ``PipelinedModel``."""
+    if hasattr(model, "full_state_dict"):  # a PipelinedModel gathers its stages itself
+        return model.full_state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

@@ -63,8 +63,9 @@ class ParallelDims:
         """Total data-parallel degree: how many different batches are processed at once."""
         return self.dp_replicate * self.dp_shard
 
-    def check_model(self, cfg: TransformerConfig) -> None:
-        """Refuse a model this layout cannot split evenly, naming the numbers to change."""
+    def check_model(self, cfg: TransformerConfig, stages: int = 1) -> None:
+        """Refuse a model this layout cannot split, naming the numbers to change. ``stages``: pipeline
+        stages per pp rank (interleaved); every stage needs a layer, layers need not divide evenly."""
         problems = []
 
         def need(value: int, what: str, by: int, by_name: str) -> None:
@@ -75,7 +76,9 @@ class ParallelDims:
         need(cfg.num_kv_heads, "num_kv_heads", self.tp, "tp")  # KV heads are split, never replicated
         need(cfg.intermediate_size, "intermediate_size", self.tp, "tp")
         need(cfg.vocab_size, "vocab_size", self.tp, "tp")
-        need(cfg.num_layers, "num_layers", self.pp, "pp")
+        if cfg.num_layers < self.pp * stages:
+            problems.append(f"num_layers={cfg.num_layers} is fewer than the {self.pp * stages} pipeline stages "
+                            f"(pp={self.pp} x pp_stages_per_rank={stages}): every stage needs a layer")
         if problems:
             raise LayoutError("layout does not fit the model: " + "; ".join(problems))
 

@@ -25,11 +25,13 @@ from ..models.transformer import Transformer
 
 
 def decoder_parts(model) -> list[Transformer]:
-    """The ``Transformer`` pieces of a model: itself, or a role/score model's trunk and heads."""
+    """The ``Transformer`` pieces of a model: itself, or a role/score model's trunk and heads (of the
+    model a pipeline stage wraps, for a ``PipelinedModel``)."""
+    model = getattr(model, "wrapped", model)
     if isinstance(model, Transformer):
         return [model]
     heads = list(model.heads.values()) if hasattr(model, "heads") else [model.head]
-    return ([model.trunk] if model.trunk is not None else []) + heads
+    return ([model.trunk] if model.trunk is not None else []) + [h for h in heads if h is not None]
 
 
 def apply_fsdp(

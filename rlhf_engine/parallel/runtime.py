@@ -6,9 +6,10 @@
 
 The same stage code runs as one process (``rlhf-engine sft ...``) or under torchrun / Slurm
 (``scripts/torchrun.sh 4 sft ...``): NCCL on CUDA, gloo on CPU. Order of application is fixed:
-tensor parallel on ``mesh['tp']`` first, then activation checkpointing (if configured), then FSDP over
-the data-parallel mesh (2-D for HSDP), so parameters become (dp, tp) DTensors. Pipeline parallelism needs a pipelined step (``parallel.pipeline``)
-that the stages' loops do not drive yet; they refuse pp > 1.
+pipeline stages first (pp > 1: the model is pruned to this rank's stages, ``parallel/pipeline.py``),
+then tensor parallel on ``mesh['tp']``, then activation checkpointing (if configured), then FSDP over
+the data-parallel mesh (2-D for HSDP), so parameters become (dp, tp) DTensors. Under pp > 1
+``parallelize`` returns a ``PipelinedModel``, whose ``run`` the trainer calls for forward and backward.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .activation_checkpoint import apply_activation_checkpointing
 from .dims import LayoutError, ParallelDims
 from .fp8 import apply_fp8
 from .fsdp import apply_fsdp
+from .pipeline import PipelinedModel, embedding_group, plan_split, prune_to_stages
+from .schedules import check_schedule
 from .tensor_parallel import apply_tensor_parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -63,15 +66,20 @@ class Runtime:
 
     def parallelize(self, model, cfg: RunConfig):
         """Apply the configured layout to ``model`` (on this runtime's device) in place."""
-        if self.dims.pp > 1:
-            raise LayoutError(f"pp={self.dims.pp}: the trainer does not drive a pipeline schedule yet; "
-                              "use tp, dp_shard and dp_replicate")
         dtype = DTYPES[cfg.precision.dtype]
         fp8 = cfg.precision.fp8
         if self.mesh is None:
             model = apply_fp8(model.to(device=self.device, dtype=dtype), fp8)
             return apply_activation_checkpointing(model) if cfg.parallel.activation_checkpointing else model
-        self.dims.check_model(model.config)
+        p = cfg.parallel
+        self.dims.check_model(model.config, stages=p.pp_stages_per_rank)
+        split = None
+        if self.dims.pp > 1:
+            check_schedule(p.pp_schedule, pp=self.dims.pp, chunks=p.pp_stages_per_rank,
+                           microbatches=cfg.trainer.grad_accum_steps)
+            split = plan_split(model, stages=self.dims.pp * p.pp_stages_per_rank, seq_len=cfg.data.seq_len,
+                               first=p.pp_first_stage_layers, last=p.pp_last_stage_layers)
+            prune_to_stages(model, split, self.pp_rank, self.dims.pp)
         if fp8 is not None and fp8.backend == "te" and self.dims.tp > 1:
             raise LayoutError("precision.fp8.backend=te with parallel.tp > 1: Transformer Engine's own tensor-parallel "
                               "linears are not wired; use precision.fp8.backend=torchao with tp, or te with dp_shard")
@@ -80,12 +88,21 @@ class Runtime:
         apply_tensor_parallel(model, self.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if split is not None:
+            tied = model.config.tie_word_embeddings and not hasattr(model, "trunk_layers")
+            model = PipelinedModel(model, split, pp_group=self.mesh["pp"].get_group(), pp_rank=self.pp_rank,
+                                   pp=self.dims.pp, schedule=p.pp_schedule, chunks=p.pp_stages_per_rank,
+                                   device=self.device, embedding_group=embedding_group(self.mesh, self.dims.pp) if tied else None)
         dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
         if dp_mesh.size() > 1:
             apply_fsdp(model, dp_mesh, param_dtype=dtype, reduce_dtype=torch.float32)
         elif dtype != torch.float32:
             model.to(dtype)
         return model
+
+    @property
+    def pp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["pp"].get_local_rank()
 
     @property
     def loss_scale(self) -> float:
@@ -113,6 +130,7 @@ def init_runtime(cfg: RunConfig) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", "0")))
     dims = ParallelDims.from_config(cfg.parallel, world)
+    check_layout(cfg, dims)
     mesh = None
     if world > 1:
         if device.type == "cuda":
@@ -121,3 +139,13 @@ def init_runtime(cfg: RunConfig) -> Runtime:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         mesh = dims.build_mesh(device.type)
     return Runtime(device=device, dims=dims, mesh=mesh, rank=rank)
+
+
+def check_layout(cfg: RunConfig, dims: ParallelDims) -> None:
+    """What can be refused from the config alone, before a process group or a model exists: a pipeline
+    schedule that cannot run, a model with fewer layers than stages or heads that tp cannot split."""
+    p = cfg.parallel
+    if dims.pp > 1:
+        check_schedule(p.pp_schedule, pp=dims.pp, chunks=p.pp_stages_per_rank, microbatches=cfg.trainer.grad_accum_steps)
+    if cfg.model.architecture is not None:
+        dims.check_model(cfg.model.architecture, stages=p.pp_stages_per_rank if dims.pp > 1 else 1)

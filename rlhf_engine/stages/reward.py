@@ -17,14 +17,15 @@ from typing import Any, Callable
 
 import torch
 
-from ..algorithms.objective import Objective
-from ..algorithms.reward import RULES, choice_objective, ranking_objective
+from ..algorithms.objective import ModelPass, Objective
+from ..algorithms.reward import RULES, choice_objective, ranking_objective, score_inputs
 from ..config import RunConfig
 from ..data.comparisons import RowBatcher, texts_of
 from ..data.preference import parse_choice, parse_ranking, rule_parser
-from ..data.streams import load_split
+from ..data.streams import StepTotals, load_split
 from ..models.score import ScoreModel, save_score_model
 from ..parallel.checkpoint import gather_model
+from ..trainer import forward_backward
 from .common import StageContext, StageSetup, base_model, run_stage
 
 
@@ -39,14 +40,20 @@ KINDS: dict[str, tuple[Callable[[RunConfig], Callable], str, Callable[[RunConfig
 
 @torch.no_grad()
 def mean_response_score(model: ScoreModel, batches: list, device) -> float:
-    """Mean score of every sequence in ``batches`` (the training responses), for normalisation."""
+    """Mean score of every sequence in ``batches`` (the training responses), for normalisation; through
+    the pipeline's stages under pp > 1."""
     model.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        s = b.seqs.to(device)
-        scores = s.read_last(model(s.input_ids, document_ids=s.document_ids)[..., 0])
-        total, n = total + float(scores.sum()), n + scores.numel()
-    return total / max(n, 1)
+
+    def passes(b) -> list[ModelPass]:
+        def score_sum(out, totals):
+            scores = b.seqs.read_last(out[..., 0])  # (R,)
+            return scores.sum(), {"sequences": float(scores.numel())}
+        return [ModelPass(score_inputs(b.seqs), score_sum)]
+
+    batches = [b.to(device) for b in batches]
+    total, stats = forward_backward(model, Objective(passes, target="sequences"), batches,
+                                    StepTotals.unit(StepTotals.of(batches)), train=False)
+    return total / max(stats.get("sequences", 0.0), 1)
 
 
 def setup_reward_model(ctx: StageContext) -> StageSetup:
