@@ -29,6 +29,8 @@ SFT_LAYOUTS = {  # id: (layout overrides, overrides of both runs, loss tolerance
     # torchao float8 (tensor-wise): the same scales as one process, so equal up to fp32 summation order
     "tp2_sp_fp8": (["parallel.tp=2", "parallel.sequence_parallel=true"], FP8, 1e-4),
     "fsdp2_fp8_all_gather": (["parallel.dp_shard=2", "precision.fp8.float8_all_gather=true"], FP8, 1e-4),
+    # sft_tiny ties its embeddings: the first stage's embedding and the last stage's LM-head copy sum grads
+    "pp2_tied": (["parallel.pp=2"], [], 1e-5),
 }
 
 
@@ -57,10 +59,20 @@ def test_sft_under_torchrun_matches_single_process(tmp_path, layout_id):
     assert max(abs(x - y) for x, y in zip(a, b)) <= tol, (a, b)
     assert abs(summary["eval_loss_final"] - single["eval_loss_final"]) <= tol
     assert (tmp_path / "dist" / "hf" / "model.safetensors").exists()
+    if "parallel.pp=2" in layout:  # the export gathers both stages: the same checkpoint as one process
+        _same_weights(tmp_path / "single" / "hf", tmp_path / "dist" / "hf")
     if both:  # the float8 layers are reported by every layout
         fp8 = [r["fp8/layers"] for r in map(json.loads, (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines())
                if "loss" in r]
         assert fp8 == [14.0] * 6, fp8
+
+
+def _same_weights(a: Path, b: Path, tol: float = 1e-5) -> None:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert set(x) == set(y), sorted(set(x) ^ set(y))
+    assert all((x[k] - y[k]).abs().max() <= tol for k in x), [k for k in x if (x[k] - y[k]).abs().max() > tol]
 
 
 PREF_TINY = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
@@ -75,7 +87,9 @@ PREF_TINY = ["model.architecture.hidden_size=64", "model.architecture.intermedia
 @pytest.mark.parametrize("command,recipe,layout", [
     ("dpo", "configs/dpo_tiny.yaml", ["parallel.dp_shard=2"]),
     ("rm", "configs/rm_tiny.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-], ids=["dpo_fsdp2", "rm_tp2_sp"])
+    ("dpo", "configs/dpo_tiny.yaml", ["parallel.pp=2"]),  # 3 layers on 2 stages: an uneven split
+    ("rm", "configs/rm_tiny.yaml", ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
+], ids=["dpo_fsdp2", "rm_tp2_sp", "dpo_pp2", "rm_pp2_gpipe"])
 def test_preference_stages_under_torchrun_match_single_process(tmp_path, command, recipe, layout):
     """Roles over a shared trunk (DPO) under FSDP2 and a score model (RM) under TP+SP reproduce one process."""
     from rlhf_engine.cli import main
@@ -94,6 +108,12 @@ def test_preference_stages_under_torchrun_match_single_process(tmp_path, command
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
     assert (tmp_path / "dist" / "hf" / "model.safetensors").exists()
+    if "parallel.pp=2" in layout:
+        _same_weights(tmp_path / "single" / "hf", tmp_path / "dist" / "hf")
+        if command == "rm":  # InstructGPT's normalisation: the mean score, computed through the pipeline
+            shift = [json.loads((tmp_path / run / "summary.json").read_text())["normalization_shift"]
+                     for run in ("single", "dist")]
+            assert abs(shift[0] - shift[1]) <= 1e-5, shift
 
 
 RL_TINY = """

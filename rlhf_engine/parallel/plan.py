@@ -10,12 +10,16 @@ FSDP shards included), not estimated. No memory is allocated and nothing communi
 The roles follow the shared-trunk design: a frozen trunk (embedding + ``model.trunk_layers`` lower
 layers) is stored once, and each of policy, reference, critic and reward owns the layers above it and
 its head (LM head for policy and reference, a scalar head for critic and reward). With
-``trunk_layers = 0`` they are four separate models. Pipeline stages take L / pp consecutive layers;
-the trunk fills the first stages and the role heads the last.
+``trunk_layers = 0`` they are four separate models. Pipeline stages take the cost-balanced split the
+engine itself uses (``stage_split.py``: a frozen trunk layer costs one forward, a head layer a forward
+per head plus a backward per trainable head): the trunk fills the first stages, with many more layers
+each, and the role heads the last. Each stage's FLOPs per step are reported, and a split whose busiest
+stage exceeds the mean by more than 20% is warned about.
 
 Bytes per parameter element held by a rank:
 - trainable (policy, critic): fp32 master 4 + fp32 gradient 4 + Adam moments 8 (FSDP-sharded);
-- frozen (trunk, reference, reward): bf16 weights 2 (FSDP-sharded, never a gradient or optimizer state);
+- frozen (trunk, reference, reward): weights in ``precision.dtype`` (2 in bf16; FSDP-sharded, never a
+  gradient or optimizer state);
 - FSDP all-gather buffers: two unsharded bf16 decoder layers (the one running and the one prefetched).
 
 Activations (bf16, per rank, for the trainable role with the larger share of the stage; policy and
@@ -42,11 +46,13 @@ from ..config import RunConfig
 from ..models.transformer import Transformer, TransformerConfig
 from .dims import ParallelDims
 from .fsdp import apply_fsdp
+from .stage_split import Head, balanced_split, imbalance, layer_costs, stage_costs
 from .tensor_parallel import apply_tensor_parallel
 
 TRAINABLE_BYTES = {"params": 4, "grads": 4, "optimizer": 8}
-FROZEN_BYTES = {"params": 2, "grads": 0, "optimizer": 0}
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 ROLES = {"policy": True, "reference": False, "critic": True, "reward": False}  # role -> trainable
+IMBALANCE_WARNING = 0.2  # busiest stage's cost over the mean, minus 1
 GIB = 2**30
 
 
@@ -128,8 +134,8 @@ class Share:
     layers: int = 0
     bytes: dict[str, int] = field(default_factory=dict)
 
-    def finish(self) -> "Share":
-        per = TRAINABLE_BYTES if self.trainable else FROZEN_BYTES
+    def finish(self, frozen_bytes: int = 2) -> "Share":
+        per = TRAINABLE_BYTES if self.trainable else {"params": frozen_bytes, "grads": 0, "optimizer": 0}
         self.bytes = {k: self.params * v for k, v in per.items()}
         return self
 
@@ -159,26 +165,32 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
         if created:
             dist.destroy_process_group()
     full = component_params(arch)
-    L, k, pp = arch.num_layers, cfg.model.trunk_layers, dims.pp
-    per_stage = L // pp
+    L, k, pp, chunks = arch.num_layers, cfg.model.trunk_layers, dims.pp, cfg.parallel.pp_stages_per_rank if dims.pp > 1 else 1
+    heads = [Head("lm" if role in ("policy", "reference") else "scalar", trainable) for role, trainable in ROLES.items()]
+    costs, output_cost = layer_costs(arch, trunk_layers=k, heads=heads, seq_len=cfg.data.seq_len)
+    split = balanced_split(costs, pp * chunks, output_cost=output_cost, first=cfg.parallel.pp_first_stage_layers,
+                           last=cfg.parallel.pp_last_stage_layers) if pp > 1 else [(0, L)]
+    cost_of_stage = stage_costs(split, costs, output_cost)
+    tokens = cfg.data.seq_len * cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps  # per dp rank and step
+    frozen_bytes = DTYPE_BYTES[cfg.precision.dtype]
     act_layer = activation_bytes_per_layer(cfg, dims)
     sp = cfg.parallel.sequence_parallel and dims.tp > 1
     one_layer_full = cfg.data.seq_len * cfg.trainer.micro_batch_size * arch.hidden_size * (34 // dims.tp if sp else 10 + 24 // dims.tp)
     layer_gather = 2 * 2 * full["layer"] // dims.tp  # two unsharded bf16 layers (tp-local)
 
     stages = []
-    for stage in range(pp):
-        lo, hi = stage * per_stage, (stage + 1) * per_stage
+    for stage in range(pp):  # a pipeline rank: its stages (several with interleaving)
+        mine = [split[s] for s in range(stage, pp * chunks, pp)]
         first, last = stage == 0, stage == pp - 1
-        trunk_layers = max(0, min(hi, k) - lo)
-        head_layers = (hi - lo) - trunk_layers
+        trunk_layers = sum(max(0, min(hi, k) - lo) for lo, hi in mine)
+        head_layers = sum(hi - lo for lo, hi in mine) - trunk_layers
         holders: dict[str, Share] = {}
         if k > 0:
             holders["trunk"] = Share(
                 params_total=full["embedding"] + k * full["layer"],
                 params=(shards["embedding"] if first else 0) + trunk_layers * shards["layer"],
                 layers=trunk_layers,
-            ).finish()
+            ).finish(frozen_bytes)
         for role, trainable in ROLES.items():
             head = "lm_head" if role in ("policy", "reference") else "scalar_head"
             own_embedding = k == 0
@@ -188,7 +200,7 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
                 + (shards[head] if last else 0),
                 trainable=trainable,
                 layers=head_layers,
-            ).finish()
+            ).finish(frozen_bytes)
         in_flight = pp - stage  # 1F1B: microbatches whose activations stage i holds
         trained_layers = max(holders[r].layers for r in ROLES if ROLES[r])
         activations = in_flight * trained_layers * act_layer
@@ -196,14 +208,22 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
             activations += one_layer_full  # the layer being recomputed
         state_bytes = sum(sum(h.bytes.values()) for h in holders.values())
         total = state_bytes + activations + (layer_gather if dims.dp_shard > 1 else 0)
+        flops_per_token = sum(cost_of_stage[s] for s in range(stage, pp * chunks, pp))
         stages.append({
             "stage": stage,
-            "layers": [lo, hi],
+            "layers": [list(r) for r in mine] if chunks > 1 else list(mine[0]),
             "holders": {name: asdict(h) for name, h in holders.items()},
+            "flops_per_step": flops_per_token * tokens / dims.tp,
+            "model_state_bytes": state_bytes,
             "activation_bytes": activations,
             "fsdp_buffer_bytes": layer_gather if dims.dp_shard > 1 else 0,
             "total_bytes": total,
         })
+    spread = imbalance([s["flops_per_step"] for s in stages])
+    warnings = []
+    if spread > IMBALANCE_WARNING:
+        warnings.append(f"pipeline stages are imbalanced: the busiest does {spread:.0%} more work than the mean "
+                        "(set parallel.pp_first_stage_layers / pp_last_stage_layers, or change pp or trunk_layers)")
     worst = max(stages, key=lambda s: s["total_bytes"])
     totals = {name: {"params_total": stages[0]["holders"][name]["params_total"],
                      "params_per_rank_max": max(s["holders"][name]["params"] for s in stages)}
@@ -219,6 +239,8 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
         "component_shards_per_rank": shards,
         "roles": totals,
         "stages": stages,
+        "flops_imbalance": spread,
+        "warnings": warnings,
         "max_rank_bytes": worst["total_bytes"],
         "gpu_memory_bytes": int(gpu_memory_gb * GIB),
         "fits": worst["total_bytes"] <= gpu_memory_gb * GIB,
@@ -241,8 +263,11 @@ def format_plan(p: dict[str, Any]) -> str:
             b = h["bytes"]
             lines.append(f"{s['stage']:>5} {name:<10} {h['layers']:>6} {h['params']:>13,} {b['params'] / GIB:>10.2f} "
                          f"{b['grads'] / GIB:>9.2f} {b['optimizer'] / GIB:>9.2f}")
-        lines.append(f"{'':>5} activations {s['activation_bytes'] / GIB:.2f} GiB, FSDP buffers "
-                     f"{s['fsdp_buffer_bytes'] / GIB:.2f} GiB, stage total {s['total_bytes'] / GIB:.2f} GiB")
+        lines.append(f"{'':>5} layers {s['layers']}, {s['flops_per_step'] / 1e12:.1f} TFLOP per step, activations "
+                     f"{s['activation_bytes'] / GIB:.2f} GiB, FSDP buffers {s['fsdp_buffer_bytes'] / GIB:.2f} GiB, "
+                     f"stage total {s['total_bytes'] / GIB:.2f} GiB")
+    lines.append(f"\nstage work imbalance (busiest / mean - 1): {p['flops_imbalance']:.0%}")
+    lines += [f"warning: {w}" for w in p["warnings"]]
     verdict = "fits" if p["fits"] else "does NOT fit"
     lines.append(f"\nbusiest rank: {p['max_rank_bytes'] / GIB:.2f} GiB of {p['gpu_memory_bytes'] / GIB:.0f} GiB: {verdict}")
     return "\n".join(lines)

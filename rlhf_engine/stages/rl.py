@@ -81,6 +81,10 @@ class RLEvaluator:
 
 def setup_rl(ctx: StageContext) -> StageSetup:
     cfg, rt = ctx.cfg, ctx.rt
+    if rt.dims.pp > 1:  # the update trains under pp (tests/parallel/test_pipeline.py); the rollout does not yet
+        raise LayoutError(f"parallel.pp={rt.dims.pp}: online RL needs generation and experience making through the "
+                          "pipeline, which are not built yet (the update step itself runs under pp); use tp, "
+                          "dp_shard and dp_replicate for rl, or pp for sft, reward models and dpo")
     name = cfg.algorithm.name
     train_rows, eval_rows = load_prompt_rows(cfg)
     tokenizer = ctx.tokenizer(t for row in train_rows for t in prompt_texts(row))

@@ -153,30 +153,3 @@ def test_resume_restores_rng_and_continues_bit_for_bit(tmp_path):
     assert torch.equal(torch.rand(3), noise_then)
     _train_step(resumed, resumed_opt)
     assert torch.equal(_logp(resumed), straight)
-
-
-def _pp_load_body():  # a single-process checkpoint loads into pipeline stages (pp1 -> pp2)
-    from rlhf_engine.models import Transformer, TransformerConfig
-    from rlhf_engine.parallel.checkpoint import latest_checkpoint, load_checkpoint
-    from rlhf_engine.parallel.pipeline import split_into_stages
-
-    out = Path(os.environ["OUT"])
-    model = Transformer(TransformerConfig(**{**CFG, "num_layers": 4}))
-    model.reset_parameters(torch.Generator().manual_seed(99))  # different weights until loaded
-    ((_, stage),) = split_into_stages(model, dist.get_rank(), dist.get_world_size())
-    load_checkpoint(latest_checkpoint(out / "ckpt"), stage)
-    saved = torch.load(out / "state.pt")
-    names = [n for n, _ in stage.named_parameters()]
-    assert names and all(torch.equal(p, saved[n]) for n, p in stage.named_parameters()), names
-
-
-@pytest.mark.dist
-def test_single_process_checkpoint_loads_into_pipeline_stages(tmp_path):
-    from rlhf_engine.models import Transformer, TransformerConfig
-    from rlhf_engine.parallel.checkpoint import save_checkpoint
-
-    model = Transformer(TransformerConfig(**{**CFG, "num_layers": 4}))
-    model.reset_parameters(torch.Generator().manual_seed(0))
-    save_checkpoint(tmp_path / "ckpt", 1, model)
-    torch.save(model.state_dict(), tmp_path / "state.pt")
-    torchrun(_pp_load_body, nproc=2, env={"OUT": str(tmp_path)})

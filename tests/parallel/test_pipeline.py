@@ -86,7 +86,7 @@ def _experience(model, count, seed):
     return out
 
 
-def _case(kind, layers=None):
+def _case(kind, layers=None, trunk=2):
     """(model, objective, micro-batch maker, extra parallel keys) of one training stage."""
     from rlhf_engine.algorithms.dpo import dpo_objective
     from rlhf_engine.algorithms.reward import RULES, choice_objective, ranking_objective
@@ -109,7 +109,7 @@ def _case(kind, layers=None):
     if kind == "dpo":
         model = RoleModel.from_sft(lm, 1, roles=(Role.POLICY, Role.REFERENCE))
         return model, dpo_objective("sigmoid", 0.1), lambda n, seed, oracle: _micro_batches("dpo", n, seed), {}
-    model = RoleModel.from_sft(lm, 2)
+    model = RoleModel.from_sft(lm, trunk)
     with torch.no_grad():  # reward and critic heads of small scores (values ~ 1: a well-conditioned critic)
         for role in (Role.REWARD, Role.CRITIC):
             model.head(role).score.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
@@ -288,3 +288,77 @@ def test_balanced_split_follows_the_cost_rule():
     assert balanced_split(costs, 3, first=1, last=2) == [(0, 1), (1, 6), (6, 8)]
     with pytest.raises(LayoutError, match="leave 0 layers for 1 middle stages"):
         balanced_split(costs, 3, first=4, last=4)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _roles_run(pp, out, *, save_after=None, load=None):
+    """DPO on a RoleModel (trunk 1 of 4 layers) at pp = ``pp``: load a checkpoint if given, train the
+    steps after it, save after ``save_after`` steps; returns the full state after the last step (rank 0)."""
+    from rlhf_engine.algorithms.dpo import dpo_objective
+    from rlhf_engine.data.streams import StepTotals
+    from rlhf_engine.models import Transformer, TransformerConfig
+    from rlhf_engine.models.roles import Role, RoleModel
+    from rlhf_engine.parallel.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+    from rlhf_engine.parallel.runtime import init_runtime
+    from rlhf_engine.trainer import build_optimizer, build_scheduler, train_step
+
+    lm = Transformer(TransformerConfig(**ARCH, num_layers=4))
+    lm.reset_parameters(torch.Generator().manual_seed(0 if load is None else 5))  # a load must overwrite it
+    cfg = _config({"architecture": {**ARCH, "num_layers": 4}, "trunk_layers": 1}, {"pp": pp},
+                  {"grad_accum_steps": 2}, {"eps": 1e-3, "warmup_steps": 0, "schedule": "constant"})
+    rt = init_runtime(cfg)
+    model = rt.parallelize(RoleModel.from_sft(lm, 1, roles=(Role.POLICY, Role.REFERENCE)), cfg)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
+    first = 0
+    if load is not None:
+        first = load_checkpoint(load, model, opt)["step"]  # (a constant learning rate: no schedule to restore)
+    objective = dpo_objective("sigmoid", 0.1)
+    for step in range(first, 3):
+        batches = _micro_batches("dpo", 2, 300 + step)
+        train_step(model, opt, sched, batches, objective, 1.0, totals=StepTotals.of(batches))
+        if step + 1 == save_after:
+            save_checkpoint(out, step + 1, model, opt)
+    return full_state_dict(model)
+
+
+def _pp2_roles_body():
+    out = os.environ["OUT"]
+    if os.environ["MODE"] == "save":
+        state = _roles_run(2, out + "/pp2", save_after=1)
+    else:
+        from rlhf_engine.parallel.checkpoint import latest_checkpoint
+
+        state = _roles_run(2, None, load=latest_checkpoint(out + "/pp1"))
+    if dist.get_rank() == 0:
+        torch.save(state, out + f"/final_pp2_{os.environ['MODE']}.pt")
+
+
+@pytest.mark.dist
+def test_role_model_checkpoints_move_between_pp2_and_pp1(tmp_path):
+    """Model and optimizer state saved at pp=2 resume at pp=1 and the reverse: the remaining steps land on
+    the weights of a run that never stopped."""
+    from rlhf_engine.parallel.checkpoint import latest_checkpoint
+
+    straight = _roles_run(1, str(tmp_path / "pp1"), save_after=1)  # one process, saves after step 1
+    torchrun(_pp2_roles_body, nproc=2, env={"OUT": str(tmp_path), "MODE": "save"})
+    pp2_straight = torch.load(tmp_path / "final_pp2_save.pt")
+    torchrun(_pp2_roles_body, nproc=2, env={"OUT": str(tmp_path), "MODE": "load"})  # pp1 -> pp2
+    pp1_to_pp2 = torch.load(tmp_path / "final_pp2_load.pt")
+    pp2_to_pp1 = _roles_run(1, None, load=latest_checkpoint(tmp_path / "pp2"))
+    assert set(straight) == set(pp2_straight) == set(pp1_to_pp2) == set(pp2_to_pp1)
+    for name, want in straight.items():
+        for got in (pp2_straight, pp1_to_pp2, pp2_to_pp1):
+            assert (got[name] - want).abs().max() <= 1e-5, name
+    assert any((straight[n] != _roles_initial()[n]).any() for n in straight if ".policy." in n)  # it trained
+
+
+def _roles_initial():
+    from rlhf_engine.models import Transformer, TransformerConfig
+    from rlhf_engine.models.roles import Role, RoleModel
+
+    lm = Transformer(TransformerConfig(**ARCH, num_layers=4))
+    lm.reset_parameters(torch.Generator().manual_seed(0))
+    return RoleModel.from_sft(lm, 1, roles=(Role.POLICY, Role.REFERENCE)).state_dict()
