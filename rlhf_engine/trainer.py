@@ -197,9 +197,11 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, *,
     total = math.sqrt(squares)
     if max_norm is not None and total > max_norm:
         coef = max_norm / (total + 1e-6)
-        scaled = {id(p): p for p in [*params, *also]}
-        if scaled:  # a pipeline stage of the frozen trunk alone has no gradients
-            torch._foreach_mul_([p.grad for p in scaled.values()], coef)
+        scaled: dict[bool, dict[int, torch.Tensor]] = {}  # DTensor or plain -> gradients, each once
+        for p in [*params, *also]:
+            scaled.setdefault(hasattr(p.grad, "full_tensor"), {})[id(p)] = p.grad
+        for grads in scaled.values():  # (a pipeline stage of the frozen trunk alone has none)
+            torch._foreach_mul_(list(grads.values()), coef)
     return total
 
 

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..models import Transformer, save_hf_model
+from .pipeline import PipelinedModel
 
 LATEST = "latest"
 PROGRESS = "progress.json"
@@ -149,7 +150,7 @@ def load_rank_state(path: str | os.PathLike) -> dict[str, Any] | None:
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the unsharded model state on CPU, materialized on rank 0 only (empty elsewhere); from
     every pipeline stage of a ``PipelinedModel``."""
-    if hasattr(model, "full_state_dict"):  # a PipelinedModel gathers its stages itself
+    if isinstance(model, PipelinedModel):  # it gathers its stages itself
         return model.full_state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -143,7 +143,8 @@ def announce(rt: Runtime, stage: str, model: torch.nn.Module, text: str) -> None
     if rt.is_main:
         n = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{stage}: {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), {text}, "
+        where = f" on pipeline rank 0 of {rt.dims.pp}" if rt.dims.pp > 1 else ""
+        print(f"{stage}: {n / 1e6:.2f}M parameters{where} ({trainable / 1e6:.2f}M trainable), {text}, "
               f"{rt.world_size} process(es) on {rt.device.type}", file=sys.stderr)
 
 

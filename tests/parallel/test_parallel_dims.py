@@ -18,9 +18,11 @@ def test_indivisible_model_names_every_problem():
     cfg = TransformerConfig(vocab_size=1031, hidden_size=96, intermediate_size=250, num_layers=5, num_heads=12,
                             num_kv_heads=2)
     with pytest.raises(LayoutError) as exc:
-        ParallelDims(dp_replicate=1, dp_shard=1, pp=2, tp=4, world_size=8).check_model(cfg)
+        ParallelDims(dp_replicate=1, dp_shard=1, pp=2, tp=4, world_size=8).check_model(cfg, stages=3)
     msg = str(exc.value)
     for part in ("num_kv_heads=2 is not divisible by tp=4", "intermediate_size=250 is not divisible by tp=4",
-                 "vocab_size=1031 is not divisible by tp=4", "num_layers=5 is not divisible by pp=2"):
+                 "vocab_size=1031 is not divisible by tp=4", "num_layers=5 is fewer than the 6 pipeline stages"):
         assert part in msg
     assert "num_heads" not in msg  # 12 heads split fine
+    # layers need not divide evenly over the stages: 5 layers on pp=2 is a 3 + 2 (or cost-balanced) split
+    ParallelDims(dp_replicate=1, dp_shard=1, pp=2, tp=1, world_size=2).check_model(cfg)
