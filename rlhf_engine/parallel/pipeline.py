@@ -299,6 +299,36 @@ class PipelinedModel(nn.Module):
         dist.all_reduce(t, group=self.pp_group)
         return float(t)
 
+    def infer(self, input_ids: torch.Tensor, **inputs):
+        """Forward-only, one pass through the stages (the RL experience pass: policy and reference log-probs,
+        values, rewards); the last stage's output on every pipeline rank."""
+        captured = []
+
+        def keep(out, totals):
+            captured.append(out)
+            return torch.zeros((), device=self.device), {}
+
+        self.run([ModelPass({"input_ids": input_ids, **inputs}, keep)], StepTotals({}), train=False)
+        box = [_to(captured[0], "cpu") if captured else None]
+        dist.broadcast_object_list(box, group=self.pp_group, group_src=(self.num_stages - 1) % self.pp)
+        return _to(box[0], self.device)
+
+    def gather_state(self, keep) -> dict[str, torch.Tensor]:
+        """Collective over every rank: the unsharded tensors whose names ``keep`` accepts, from every stage,
+        on every rank (CPU). Each stage unshards its own (over its tensor and data ranks), then the
+        pipeline ranks exchange them: moved by collectives, never through one rank or a disk."""
+        local = {}
+        for name, p in self.named_parameters():  # the same order on every rank of a stage
+            if keep(name):
+                full = p.full_tensor() if isinstance(p, DTensor) else p
+                local[name] = full.detach().cpu()
+        parts: list[Any] = [None] * self.pp
+        dist.all_gather_object(parts, local, group=self.pp_group)
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
     # ------------------------------------------------------------------------------------ export
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -314,6 +344,15 @@ class PipelinedModel(nn.Module):
         for part in gathered:
             merged.update(part)
         return merged
+
+
+def _to(out, device):
+    """A model output (tensor, NamedTuple of tensors or None) on ``device``."""
+    if out is None:
+        return None
+    if torch.is_tensor(out):
+        return out.to(device)
+    return type(out)(*(_to(t, device) for t in out))
 
 
 def _is_stage_leader(pp_group) -> bool:

@@ -19,6 +19,8 @@ from ..data.reader import DataError
 from ..models.hf import load_hf_model
 from ..models.roles import Role, RoleModel, in_trunk
 from ..models.score import ScoreModel, load_score_model
+from ..parallel.runtime import Runtime
+from ..parallel.tensor_parallel import apply_tensor_parallel
 from ..rewards import CombinedReward
 
 
@@ -66,3 +68,17 @@ def build_roles(cfg: RunConfig, sft, settings: RLSettings, device) -> tuple[Role
         raise DataError("RL needs a reward: reward.preference_path, reward.rules_path, reward.functions, "
                         "reward.format or reward.length_target")
     return model, reward, float(rm.bias[0]) if shared else None
+
+
+def generation_copy(model, rt: Runtime, dtype: torch.dtype) -> RoleModel:
+    """The policy for generation when training runs under pipeline parallelism: trunk + policy head,
+    whole on every rank, tensor-parallel over the same tp group (the generation layout is tp x (dp x pp):
+    pp folds into the data-parallel degree, as verl's 3D-HybridEngine does). Its weights come from every
+    stage by collectives (``PipelinedModel.gather_state``); the caller drops it after generation."""
+    state = model.gather_state(lambda name: name.startswith(("trunk.", "heads.policy.")))
+    with torch.device("meta"):
+        copy = RoleModel(model.config, model.trunk_layers, roles=(Role.POLICY,))
+    copy.load_state_dict(state, strict=True, assign=True)
+    copy.freeze()
+    copy.to(device=rt.device, dtype=dtype)
+    return apply_tensor_parallel(copy, rt.mesh["tp"], sequence_parallel=False)

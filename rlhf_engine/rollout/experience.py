@@ -17,7 +17,7 @@ per-token quantity (log-probs, KL, values, advantages) sits at the position that
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from rlhf_kernels import kl_estimate
@@ -134,16 +134,21 @@ class ExperienceMaker:
         reward_head_bias: float | None = None,
         all_done: Callable[[bool], bool] | None = None,
         on_policy: bool = False,
+        generation_model: Callable[[], Any] | None = None,
     ) -> None:
         """``on_policy``: each rollout feeds exactly one optimizer step and the KL sits in the loss, so the
         experience pass skips the policy head: the loss's old log-probs are its own (detached) log-probs,
-        which gives the same ratio (1) and gradient; the rollout's KL metrics use the sampling log-probs."""
+        which gives the same ratio (1) and gradient; the rollout's KL metrics use the sampling log-probs.
+        ``generation_model``: builds the model to decode with when it is not ``model`` (under pipeline
+        parallelism, the policy gathered whole on every rank: ``rollout.assembly.generation_copy``);
+        the experience forward then runs through the pipeline (``PipelinedModel.infer``)."""
         self.model, self.tokenizer, self.reward, self.s, self.rollout = model, tokenizer, reward, settings, rollout
         self.pad_id = pad_id
         self.reward_head_bias = reward_head_bias  # None: no reward head (the reward is CombinedReward's)
         self.all_done = all_done
         self.on_policy = on_policy and settings.kl_in == "loss" and not settings.critic
         self.suffix = template_suffix(tokenizer)
+        self.generation_model = generation_model
 
     @property
     def roles(self) -> set[Role]:
@@ -160,22 +165,27 @@ class ExperienceMaker:
         G = s.cfg.group if group is None else group
         items = [p for p in prompts for _ in range(G)]  # group members are consecutive
         model.eval()
-        _unshard(model)
+        decoder = self.generation_model() if self.generation_model is not None else model
+        if decoder is model:
+            _unshard(model)
         suffix = self.suffix if any(p.chat for p in items) else []
         # appended end-of-turn tokens have no recorded trunk states: then the trunk runs once more
         record = s.cfg.cache_trunk and model.trunk is not None and not suffix
-        gen = generate(model, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
+        gen = generate(decoder, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
                        stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, temperature=r.temperature,
                        top_k=r.top_k, top_p=r.top_p, generator=generator, record_trunk=record,
                        all_done=self.all_done)
-        _reshard(model)
+        if decoder is model:
+            _reshard(model)
+        del decoder  # a generation copy is freed before the experience pass
         seqs, docs = gen.sequences, gen.document_ids
         ends = [suffix if p.chat and why == "stop" else [] for p, why in zip(items, gen.finish_reasons)]
         if suffix:
             seqs, docs = append_after_responses(seqs, docs, gen, ends, self.pad_id)
         targets = response_targets(seqs, docs, gen.prompt_length, [len(r) for r in gen.responses])
-        out = model(seqs, document_ids=docs, targets=targets, trunk_states=gen.trunk_states, roles=self.roles,
-                    temperature=s.temperature)
+        forward = model.infer if hasattr(model, "infer") else model  # a PipelinedModel runs it through its stages
+        out = forward(seqs, document_ids=docs, targets=targets, trunk_states=gen.trunk_states, roles=self.roles,
+                      temperature=s.temperature)
         mask = targets.ne(IGNORE_INDEX)
         logp = sampled_logprobs(gen, targets.shape) if self.on_policy else out.logp.float()
         logp, ref_logp = logp.to(mask.device) * mask, out.ref_logp.float() * mask
@@ -194,7 +204,7 @@ class ExperienceMaker:
         breakdown = self.reward(samples, preference_scores=learned)
         values = out.values.float() * mask if out.values is not None else None
         return Rollout(seqs, docs, targets, mask, logp, self.on_policy, ref_logp, kl, values, breakdown.total.to(seqs.device),
-                       breakdown.parts, out.trunk_states if record else None, [p.text for p in items], texts)
+                       breakdown.parts, gen.trunk_states if record else None, [p.text for p in items], texts)
 
 
 def append_after_responses(seqs, docs, gen, ends: list[list[int]], pad_id: int):

@@ -33,8 +33,8 @@ from ..data.prompts import PromptItem, load_prompt_rows, prompt_item, prompt_tex
 from ..data.reader import DataError
 from ..models.roles import RoleModel
 from ..parallel.dims import LayoutError
-from ..parallel.runtime import Runtime
-from ..rollout.assembly import build_roles
+from ..parallel.runtime import DTYPES, Runtime
+from ..rollout.assembly import build_roles, generation_copy
 from ..rollout.experience import ExperienceMaker
 from ..rollout.stream import ExperienceStream, make_all_done
 from ..trainer import ParamGroup
@@ -81,10 +81,6 @@ class RLEvaluator:
 
 def setup_rl(ctx: StageContext) -> StageSetup:
     cfg, rt = ctx.cfg, ctx.rt
-    if rt.dims.pp > 1:  # the update trains under pp (tests/parallel/test_pipeline.py); the rollout does not yet
-        raise LayoutError(f"parallel.pp={rt.dims.pp}: online RL needs generation and experience making through the "
-                          "pipeline, which are not built yet (the update step itself runs under pp); use tp, "
-                          "dp_shard and dp_replicate for rl, or pp for sft, reward models and dpo")
     name = cfg.algorithm.name
     train_rows, eval_rows = load_prompt_rows(cfg)
     tokenizer = ctx.tokenizer(t for row in train_rows for t in prompt_texts(row))
@@ -102,8 +98,11 @@ def setup_rl(ctx: StageContext) -> StageSetup:
                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
     prompts = [prompt_item(tokenizer, r, max_prompt) for r in train_rows]
     held_out = [prompt_item(tokenizer, r, max_prompt) for r in eval_rows[: cfg.algorithm.rl.eval_prompts]]
+    # Under pipeline parallelism decoding runs on the policy gathered whole per rank (pp folds into dp);
+    # the experience forward and the update run through the stages.
+    copy = (lambda: generation_copy(model, rt, DTYPES[cfg.precision.dtype])) if rt.dims.pp > 1 else None
     maker = ExperienceMaker(model, tokenizer, reward, settings, cfg.rollout, pad_id=pad, reward_head_bias=bias,
-                            all_done=make_all_done(rt), on_policy=one_step_per_rollout(cfg, rt))
+                            all_done=make_all_done(rt), on_policy=one_step_per_rollout(cfg, rt), generation_model=copy)
     stream = ExperienceStream(maker, prompts, settings, cfg, rt, ptx=ptx_stream(cfg, tokenizer, pad))
     evaluate = RLEvaluator(maker, held_out, cfg, rt)
     groups = [ParamGroup("critic", lambda n: "heads.critic." in n, cfg.optim.critic_lr)] \
