@@ -178,15 +178,16 @@ def clip_model_grads(model: nn.Module, max_norm: float | None) -> float:
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, *,
                    reduce: Callable[[float], float] | None = None, also: Sequence[nn.Parameter] = ()) -> float:
-    """Global gradient 2-norm, then scale gradients to at most ``max_norm``. Parameters may mix DTensors
-    (sharded by TP/FSDP: their norm is reduced over the mesh) and plain tensors (replicated, e.g. norm
-    gains under TP without sequence parallelism: the same on every rank), which torch's clip refuses.
+    """Global gradient 2-norm, then scale gradients to at most ``max_norm``. Parameters may mix DTensors on
+    different meshes (TP+FSDP weights on (dp, tp), norm gains FSDP-sharded on dp only: each group's norm is
+    reduced over its own mesh) and plain tensors (replicated, e.g. norm gains under TP alone: the same on
+    every rank), which torch's clip refuses.
 
     ``reduce``: sums the squared norm over other ranks holding other parameters (pipeline stages);
     ``also``: parameters scaled with the rest but not counted (a tied weight's second copy)."""
-    groups: dict[bool, list[torch.Tensor]] = {}
+    groups: dict[Any, list[torch.Tensor]] = {}  # by mesh: TP+FSDP weights are 2-D, FSDP-only norm gains 1-D
     for p in params:
-        groups.setdefault(hasattr(p.grad, "full_tensor"), []).append(p.grad)
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
     squares = 0.0
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -197,9 +198,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, *,
     total = math.sqrt(squares)
     if max_norm is not None and total > max_norm:
         coef = max_norm / (total + 1e-6)
-        scaled: dict[bool, dict[int, torch.Tensor]] = {}  # DTensor or plain -> gradients, each once
+        scaled: dict[Any, dict[int, torch.Tensor]] = {}  # mesh (or plain) -> gradients, each once
         for p in [*params, *also]:
-            scaled.setdefault(hasattr(p.grad, "full_tensor"), {})[id(p)] = p.grad
+            scaled.setdefault(getattr(p.grad, "device_mesh", None), {})[id(p)] = p.grad
         for grads in scaled.values():  # (a pipeline stage of the frozen trunk alone has none)
             torch._foreach_mul_(list(grads.values()), coef)
     return total
@@ -414,7 +415,10 @@ class Trainer(Generic[B]):
             record = {"loss": sums.pop("loss"),
                       **{k: v / max(step.totals[self.objective.count_of(k)], 1) for k, v in sums.items()},
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "targets": int(target),
-                      "tokens_per_s": step_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(rt.device), 1)}
+                      "tokens_per_s": step_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(rt.device), 1),
+                      "step_s": round(elapsed, 3)}
+            if rt.world_size > 1:  # rank 0 writes the record; the busiest rank's memory is what must fit
+                record["peak_mem_mb_max_rank"] = round(rt.max_over_ranks(peak_memory_mb(rt.device)), 1)
             if cfg.precision.fp8 is not None:
                 record.update(fp8_metrics(self.model))
             extra = self.source.after_step(record)

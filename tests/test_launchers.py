@@ -205,6 +205,22 @@ def test_rl_under_pipeline_parallelism_matches_one_process(tmp_path, algorithm):
     assert summary["samples"] == single["samples"] and single["samples"]  # the same sampled tokens, decoded
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ppo_3d_tiny_runs_on_8_ranks(tmp_path):
+    """The 175B recipe's layout kinds reduced in width: tp2 x pp2 x FSDP2, a 3/4 frozen trunk, PPO with a
+    critic: generate, score and update on 8 gloo ranks, exactly the README's command."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([str(ROOT / "scripts/torchrun.sh"), "8", "rl", "--config", "configs/ppo_3d_tiny.yaml",
+                           f"trainer.out_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 8 and summary["finished"] and summary["steps"] == 2
+    losses, memory = _records(tmp_path, "loss"), _records(tmp_path, "peak_mem_mb_max_rank")
+    assert len(losses) == 2 and all(x == x for x in losses) and len(memory) == 2
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
 def test_slurm_script_renders_multinode_torchrun(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()

@@ -119,6 +119,14 @@ class Runtime:
         t /= self.dims.tp * self.dims.pp
         return dict(zip(keys, t.tolist()))
 
+    def max_over_ranks(self, value: float) -> float:
+        """The largest of every rank's ``value`` (e.g. peak memory: the busiest pipeline stage's)."""
+        if self.mesh is None:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()
