@@ -46,13 +46,17 @@ from ..config import RunConfig
 from ..models.transformer import Transformer, TransformerConfig
 from .dims import ParallelDims
 from .fsdp import apply_fsdp
-from .stage_split import Head, balanced_split, imbalance, layer_costs, stage_costs
+from .stage_split import Head, balanced_split, imbalance, layer_costs, layer_flops, stage_costs
 from .tensor_parallel import apply_tensor_parallel
 
 TRAINABLE_BYTES = {"params": 4, "grads": 4, "optimizer": 8}
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 ROLES = {"policy": True, "reference": False, "critic": True, "reward": False}  # role -> trainable
 IMBALANCE_WARNING = 0.2  # busiest stage's cost over the mean, minus 1
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
+MFU = {"generation": 0.10, "training": 0.40}  # assumed: decoding is memory-bound, forward/backward is not
+INSTRUCTGPT_PPO_PFS_DAYS = 60.0  # Ouyang et al. 2022: training the 175B PPO-ptx model
+INSTRUCTGPT_EPISODES = 256_000
 GIB = 2**30
 
 
@@ -148,6 +152,42 @@ def activation_bytes_per_layer(cfg: RunConfig, dims: ParallelDims) -> int:
     return s * b * h * 34 // tp if sp else s * b * h * (10 + 24 // tp)
 
 
+def rl_step(cfg: RunConfig, dims: ParallelDims, full: dict[str, int]) -> dict[str, Any]:
+    """One PPO iteration of ``cfg``: generation on the policy gathered whole per rank (tp-sharded, pp
+    folded into dp), the experience forward through the roles, and the update of policy and critic
+    heads from cached trunk states. FLOPs are matmul FLOPs (2 per multiply-add) over the whole job."""
+    arch, rl = cfg.model.architecture, cfg.algorithm.rl
+    L, k, D, V = arch.num_layers, cfg.model.trunk_layers, arch.hidden_size, arch.vocab_size
+    f = layer_flops(arch, cfg.data.seq_len)
+    rows = rl.prompts_per_rollout * rl.group
+    tokens = rows * cfg.data.seq_len  # prompt + response per sequence, at most seq_len
+    lm = 2.0 * D * V  # one LM head's forward per token
+    generation = tokens * (L * f + lm)
+    heads = [Head("lm" if r in ("policy", "reference") else "scalar", t) for r, t in ROLES.items()]
+    experience = tokens * (k * f + (L - k) * len(heads) * f + 2 * lm)
+    update = rl.epochs * tokens * ((L - k) * 2 * 3 * f + 3 * lm)  # policy and critic heads, fwd + bwd
+    seconds = {"generation": generation / (dims.world_size * H100_BF16_FLOPS * MFU["generation"]),
+               "experience": experience / (dims.world_size * H100_BF16_FLOPS * MFU["training"]),
+               "update": update / (dims.world_size * H100_BF16_FLOPS * MFU["training"])}
+    dtype_bytes = DTYPE_BYTES[cfg.precision.dtype]
+    policy_params = full["embedding"] + L * full["layer"] + full["lm_head"]
+    rows_per_rank = math.ceil(rows / dims.dp)  # pipeline peers decode the same rows
+    kv = 2 * L * rows_per_rank * cfg.data.seq_len * arch.num_kv_heads * arch.head_dim // dims.tp * dtype_bytes
+    iterations = math.ceil(INSTRUCTGPT_EPISODES / rows)
+    total = iterations * (generation + experience + update)
+    return {
+        "rollout_sequences": rows,
+        "flops_per_iteration": {"generation": generation, "experience": experience, "update": update},
+        "assumed_mfu": MFU,
+        "estimated_seconds_per_iteration_h100": seconds,
+        "generation_copy_bytes_per_rank": policy_params // dims.tp * dtype_bytes,
+        "generation_kv_cache_bytes_per_rank": kv,
+        "iterations_for_instructgpt_episodes": iterations,
+        "pfs_days_for_instructgpt_episodes": total / (1e15 * 86400),
+        "instructgpt_pfs_days": INSTRUCTGPT_PPO_PFS_DAYS,
+    }
+
+
 def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[str, Any]:
     """Per-stage, per-role memory of ``cfg``'s layout on ``world_size`` ranks (a fake process group)."""
     arch = cfg.model.architecture
@@ -177,7 +217,6 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
     sp = cfg.parallel.sequence_parallel and dims.tp > 1
     one_layer_full = cfg.data.seq_len * cfg.trainer.micro_batch_size * arch.hidden_size * (34 // dims.tp if sp else 10 + 24 // dims.tp)
     layer_gather = 2 * 2 * full["layer"] // dims.tp  # two unsharded bf16 layers (tp-local)
-
     stages = []
     for stage in range(pp):  # a pipeline rank: its stages (several with interleaving)
         mine = [split[s] for s in range(stage, pp * chunks, pp)]
@@ -224,7 +263,12 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
     if spread > IMBALANCE_WARNING:
         warnings.append(f"pipeline stages are imbalanced: the busiest does {spread:.0%} more work than the mean "
                         "(set parallel.pp_first_stage_layers / pp_last_stage_layers, or change pp or trunk_layers)")
-    worst = max(stages, key=lambda s: s["total_bytes"])
+    rl = rl_step(cfg, dims, full)
+    for s in stages:  # decoding: the model state stays, activations are gone, the policy copy and KV cache come
+        s["generation_bytes"] = (s["model_state_bytes"] + rl["generation_copy_bytes_per_rank"]
+                                 + rl["generation_kv_cache_bytes_per_rank"])
+        s["peak_bytes"] = max(s["total_bytes"], s["generation_bytes"])
+    worst = max(stages, key=lambda s: s["peak_bytes"])
     totals = {name: {"params_total": stages[0]["holders"][name]["params_total"],
                      "params_per_rank_max": max(s["holders"][name]["params"] for s in stages)}
               for name in stages[0]["holders"]}
@@ -241,9 +285,10 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
         "stages": stages,
         "flops_imbalance": spread,
         "warnings": warnings,
-        "max_rank_bytes": worst["total_bytes"],
+        "rl": rl,
+        "max_rank_bytes": worst["peak_bytes"],
         "gpu_memory_bytes": int(gpu_memory_gb * GIB),
-        "fits": worst["total_bytes"] <= gpu_memory_gb * GIB,
+        "fits": worst["peak_bytes"] <= gpu_memory_gb * GIB,
     }
 
 
@@ -265,8 +310,18 @@ def format_plan(p: dict[str, Any]) -> str:
                          f"{b['grads'] / GIB:>9.2f} {b['optimizer'] / GIB:>9.2f}")
         lines.append(f"{'':>5} layers {s['layers']}, {s['flops_per_step'] / 1e12:.1f} TFLOP per step, activations "
                      f"{s['activation_bytes'] / GIB:.2f} GiB, FSDP buffers {s['fsdp_buffer_bytes'] / GIB:.2f} GiB, "
-                     f"stage total {s['total_bytes'] / GIB:.2f} GiB")
+                     f"stage total {s['total_bytes'] / GIB:.2f} GiB; while decoding {s['generation_bytes'] / GIB:.2f} GiB")
     lines.append(f"\nstage work imbalance (busiest / mean - 1): {p['flops_imbalance']:.0%}")
+    rl = p["rl"]
+    flops, secs = rl["flops_per_iteration"], rl["estimated_seconds_per_iteration_h100"]
+    lines.append(f"PPO iteration ({rl['rollout_sequences']} sequences): " + ", ".join(
+        f"{k} {flops[k] / 1e15:.0f} PFLOP ~{secs[k]:.1f} s" for k in flops)
+        + f" on H100s at MFU {rl['assumed_mfu']['generation']:.0%} (generation) / {rl['assumed_mfu']['training']:.0%}")
+    lines.append(f"generation layout (tp x dp, pp folded into dp): policy copy {rl['generation_copy_bytes_per_rank'] / GIB:.1f}"
+                 f" GiB + KV cache {rl['generation_kv_cache_bytes_per_rank'] / GIB:.1f} GiB per rank, freed after decoding")
+    lines.append(f"InstructGPT's {INSTRUCTGPT_EPISODES:,} episodes: {rl['iterations_for_instructgpt_episodes']} iterations, "
+                 f"{rl['pfs_days_for_instructgpt_episodes']:.0f} PF/s-days (InstructGPT's 175B PPO-ptx: "
+                 f"{rl['instructgpt_pfs_days']:.0f})")
     lines += [f"warning: {w}" for w in p["warnings"]]
     verdict = "fits" if p["fits"] else "does NOT fit"
     lines.append(f"\nbusiest rank: {p['max_rank_bytes'] / GIB:.2f} GiB of {p['gpu_memory_bytes'] / GIB:.0f} GiB: {verdict}")

@@ -52,7 +52,28 @@ def test_gpt3_175b_counts_match_hand_table():
                       "optimizer": 8 * s7["holders"]["policy"]["params"]}
     assert s7["holders"]["reference"]["bytes"]["grads"] == 0  # frozen: bf16 weights only
     assert p["roles"]["trunk"]["params_total"] == V * H + 72 * LAYER
-    assert p["fits"] and p["max_rank_bytes"] == max(s["total_bytes"] for s in p["stages"])
+    assert p["fits"] and p["max_rank_bytes"] == max(s["peak_bytes"] for s in p["stages"])
+
+
+def test_gpt3_175b_rl_iteration_flops_generation_memory_and_budget():
+    """Generation on the policy gathered whole per rank (tp 8, pp folded into dp), the experience pass over
+    four heads, the update of two heads from cached trunk states: numbers by hand."""
+    p = plan(load_config(RECIPE), world_size=1024)
+    rl = p["rl"]
+    f = 2 * (4 * H * H + 3 * H * FFN) + 2 * 2048 * H  # one layer's forward FLOPs per token at S = 2048
+    lm = 2 * H * V
+    tokens = 512 * 2048  # 512 prompts per rollout, at most seq_len each
+    assert rl["flops_per_iteration"]["generation"] == pytest.approx(tokens * (96 * f + lm))
+    assert rl["flops_per_iteration"]["experience"] == pytest.approx(tokens * (72 * f + 24 * 4 * f + 2 * lm))
+    assert rl["flops_per_iteration"]["update"] == pytest.approx(tokens * (24 * 2 * 3 * f + 3 * lm))
+    assert rl["generation_copy_bytes_per_rank"] == MODEL // TP * 2  # bf16 policy, tp-sharded
+    assert rl["generation_kv_cache_bytes_per_rank"] == 2 * 96 * (512 // DP) * 2048 * H // TP * 2
+    assert rl["iterations_for_instructgpt_episodes"] == 500
+    total = 500 * sum(rl["flops_per_iteration"].values())
+    assert rl["pfs_days_for_instructgpt_episodes"] == pytest.approx(total / (1e15 * 86400))
+    s7 = p["stages"][7]
+    assert s7["generation_bytes"] == s7["model_state_bytes"] + rl["generation_copy_bytes_per_rank"] \
+        + rl["generation_kv_cache_bytes_per_rank"]
 
 
 def test_plan_warns_when_pipeline_stages_are_imbalanced():
