@@ -16,6 +16,7 @@ per-token quantity (log-probs, KL, values, advantages) sits at the position that
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
@@ -149,6 +150,7 @@ class ExperienceMaker:
         self.on_policy = on_policy and settings.kl_in == "loss" and not settings.critic
         self.suffix = template_suffix(tokenizer)
         self.generation_model = generation_model
+        self.timings: dict[str, float] = {}  # seconds of the last rollout's phases (this rank)
 
     @property
     def roles(self) -> set[Role]:
@@ -165,7 +167,9 @@ class ExperienceMaker:
         G = s.cfg.group if group is None else group
         items = [p for p in prompts for _ in range(G)]  # group members are consecutive
         model.eval()
+        t0 = time.perf_counter()
         decoder = self.generation_model() if self.generation_model is not None else model
+        t1 = time.perf_counter()
         if decoder is model:
             _unshard(model)
         suffix = self.suffix if any(p.chat for p in items) else []
@@ -178,6 +182,7 @@ class ExperienceMaker:
         if decoder is model:
             _reshard(model)
         del decoder  # a generation copy is freed before the experience pass
+        t2 = time.perf_counter()
         seqs, docs = gen.sequences, gen.document_ids
         ends = [suffix if p.chat and why == "stop" else [] for p, why in zip(items, gen.finish_reasons)]
         if suffix:
@@ -187,6 +192,7 @@ class ExperienceMaker:
         out = forward(seqs, document_ids=docs, targets=targets, trunk_states=gen.trunk_states, roles=self.roles,
                       temperature=s.temperature)
         mask = targets.ne(IGNORE_INDEX)
+        self.timings = {"generation_copy_s": t1 - t0, "generation_s": t2 - t1, "experience_s": time.perf_counter() - t2}
         logp = sampled_logprobs(gen, targets.shape) if self.on_policy else out.logp.float()
         logp, ref_logp = logp.to(mask.device) * mask, out.ref_logp.float() * mask
         if s.kl_estimator == "exact" and not self.on_policy:

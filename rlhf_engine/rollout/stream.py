@@ -124,7 +124,8 @@ class ExperienceStream:
         means = {k: float(v) / max(n_global, 1.0) for k, v in zip(keys, totals[1:].tolist())}
         self.kl.update(means["kl"], int(n_global))
         self.pending = {**{f"rollout/{k}": v for k, v in means.items()}, "rollout/kl_coef": beta,
-                        "rollout/index": float(r)}
+                        "rollout/index": float(r), **{f"rollout/{k}": round(v, 4) for k, v in self.maker.timings.items()
+                                                      if k != "generation_copy_s" or self.maker.generation_model}}
         self.buffer = rollout
         self.plans = self._plan(r, N)
         self.index = 0
