@@ -94,6 +94,13 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from .stages.probe import run_probe  # lazy: see _iterate
+
+    run_probe(load_config(args.config, args.overrides), tolerance=args.tolerance, l2=args.l2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-engine",
@@ -152,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tp=4")
     plan.set_defaults(func=_plan)
+
+    probe = sub.add_parser("probe", help="held-out accuracy of linear preference probes at every trunk cut; "
+                                         "recommends model.trunk_layers")
+    probe.add_argument("--config", required=True, help="YAML recipe with the SFT model and preference rows, "
+                                                       "e.g. configs/rm_tiny.yaml model.hf_path=runs/sft_tiny/hf")
+    probe.add_argument("--tolerance", type=float, default=0.02,
+                       help="recommend the deepest cut within this much held-out accuracy of the best (default 0.02)")
+    probe.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the probe (default 1e-3)")
+    probe.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    probe.set_defaults(func=_probe)
     return parser
 
 

@@ -121,15 +121,18 @@ class ModelConfig:
     """Decoder shape for a model initialised from scratch (exclusive with hf_path)."""
     tokenizer_path: str | None = None
     """Tokenizer directory; default: hf_path, or for a scratch model a byte-level BPE trained on the data."""
-    trunk_layers: int = 0
+    trunk_layers: int | Literal["auto"] = 0
     """RL roles share a frozen trunk of the embedding and this many lower layers (Sparrow: 64 of 80);
-    each role owns the layers above. 0: four separate models."""
+    each role owns the layers above. 0: four separate models. ``auto`` (rm, rl): the cut that
+    ``rlhf-engine probe`` recommends (rm probes its own preference rows; rl takes the reward model's cut)."""
 
     def __post_init__(self) -> None:
         if (self.hf_path is None) == (self.architecture is None):
             raise ValueError("set exactly one of model.hf_path and model.architecture")
+        if self.trunk_layers == "auto":
+            return
         if self.trunk_layers < 0:
-            raise ValueError("trunk_layers must be >= 0")
+            raise ValueError("trunk_layers must be >= 0 (or auto)")
         if self.architecture is not None and self.trunk_layers >= self.architecture.num_layers:
             raise ValueError(f"trunk_layers={self.trunk_layers} must be below num_layers={self.architecture.num_layers}: "
                              "every role needs at least one layer of its own")

@@ -193,6 +193,9 @@ def plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> dict[s
     arch = cfg.model.architecture
     if arch is None:
         raise ValueError("plan needs model.architecture (the dry run builds the model from its shape)")
+    if cfg.model.trunk_layers == "auto":
+        raise ValueError("plan needs a number for model.trunk_layers (auto is measured on a trained SFT model by "
+                         "rlhf-engine probe)")
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     dims.check_model(arch)
     created = False

@@ -56,6 +56,11 @@ def build_roles(cfg: RunConfig, sft, settings: RLSettings, device) -> tuple[Role
     """(roles, reward, reward-head bias or None): see the module docstring for which heads are built."""
     r, k = cfg.reward, cfg.model.trunk_layers
     rm = load_score_model(r.preference_path) if r.preference_path is not None else None
+    if k == "auto":  # the reward model's cut (probed when it was trained): one trunk pass for all four roles
+        if rm is None:
+            raise ValueError("model.trunk_layers=auto in rl takes the reward model's cut: set reward.preference_path "
+                             "to an rlhf-engine rm export, or set a number (rlhf-engine probe recommends one)")
+        k = rm.trunk_layers
     shared = rm is not None and shares_trunk(rm, sft, k)
     roles = [Role.POLICY, Role.REFERENCE] + ([Role.CRITIC] if settings.critic else []) + ([Role.REWARD] if shared else [])
     model = RoleModel.from_sft(sft, k, reward=rm, roles=roles)

@@ -20,6 +20,7 @@ from ..data.preference import parse_ranking
 from ..data.streams import load_split
 from ..models.roles import Role, RoleModel
 from .common import StageContext, StageSetup, base_model, export_policy, run_stage
+from .probe import resolve_trunk_layers
 
 DPO_ROLES = (Role.POLICY, Role.REFERENCE)
 
@@ -29,7 +30,8 @@ def setup_dpo(ctx: StageContext) -> StageSetup:
     train_rows, eval_rows = load_split(cfg, parse_ranking)
     tokenizer = ctx.tokenizer(texts_of(train_rows))
     sft = base_model(cfg, tokenizer)
-    model = rt.parallelize(RoleModel.from_sft(sft, cfg.model.trunk_layers, roles=DPO_ROLES), cfg)
+    k, probe = resolve_trunk_layers(cfg, sft, tokenizer, train_rows, eval_rows)
+    model = rt.parallelize(RoleModel.from_sft(sft, k, roles=DPO_ROLES), cfg)
     del sft
     train, held_out = (RowBatcher(cfg, tokenizer, rows, "pairs") for rows in (train_rows, eval_rows))
     d = cfg.algorithm.dpo
@@ -37,6 +39,7 @@ def setup_dpo(ctx: StageContext) -> StageSetup:
     def summarize(result: dict[str, Any]) -> dict[str, Any]:
         first, final = result["first_eval"], result["final_eval"]
         return {"algorithm": f"dpo/{d.loss_type}", "train_rows": len(train_rows), "heldout_rows": len(eval_rows),
+                "trunk_layers": k, **({"probe": probe} if probe else {}),
                 "heldout_reward_accuracy_initial": first.get("eval_accuracy"),
                 "heldout_reward_accuracy": final.get("eval_accuracy"), "heldout_margin": final.get("eval_margin"),
                 "heldout_loss": final.get("eval_loss")}

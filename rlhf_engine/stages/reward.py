@@ -27,6 +27,7 @@ from ..models.score import ScoreModel, save_score_model
 from ..parallel.checkpoint import gather_model
 from ..trainer import forward_backward
 from .common import StageContext, StageSetup, base_model, run_stage
+from .probe import resolve_trunk_layers
 
 
 # algorithm.name -> (row parser, batch kind, objective), each built from the config
@@ -56,6 +57,13 @@ def mean_response_score(model: ScoreModel, batches: list, device) -> float:
     return total / max(stats.get("sequences", 0.0), 1)
 
 
+def _number_of_layers(cfg: RunConfig) -> int:
+    if cfg.model.trunk_layers == "auto":
+        raise ValueError(f"model.trunk_layers=auto is measured on ranked responses (algorithm.name=rm); for "
+                         f"{cfg.algorithm.name} set a number (rlhf-engine probe recommends one)")
+    return cfg.model.trunk_layers
+
+
 def setup_reward_model(ctx: StageContext) -> StageSetup:
     cfg, rt = ctx.cfg, ctx.rt
     name = cfg.algorithm.name
@@ -66,14 +74,17 @@ def setup_reward_model(ctx: StageContext) -> StageSetup:
     tokenizer = ctx.tokenizer(texts_of(train_rows))
     labels = cfg.algorithm.rules.names if name == "rules" else None
     lm = base_model(cfg, tokenizer)
-    model = ScoreModel.from_lm(lm, cfg.model.trunk_layers, len(labels) if labels else 1,
+    k, probe = resolve_trunk_layers(cfg, lm, tokenizer, train_rows, eval_rows) if name == "rm" else (
+        _number_of_layers(cfg), {})
+    model = ScoreModel.from_lm(lm, k, len(labels) if labels else 1,
                                generator=torch.Generator().manual_seed(cfg.trainer.seed))
     del lm
     model = rt.parallelize(model, cfg)
     train, held_out = (RowBatcher(cfg, tokenizer, rows, kind) for rows in (train_rows, eval_rows))
 
     def summarize(result: dict[str, Any]) -> dict[str, Any]:
-        return {"algorithm": name, "train_rows": len(train_rows), "heldout_rows": len(eval_rows),
+        return {"algorithm": name, "train_rows": len(train_rows), "heldout_rows": len(eval_rows), "trunk_layers": k,
+                **({"probe": probe} if probe else {}),
                 "heldout_accuracy_initial": result["first_eval"].get("eval_accuracy"),
                 "heldout_accuracy": result["final_eval"].get("eval_accuracy"),
                 "heldout_loss": result["final_eval"].get("eval_loss")}
