@@ -38,8 +38,9 @@ class PairwiseProbe:
         return ((features.double() - self.mean) / self.scale) @ self.weight
 
     def accuracy(self, winners: torch.Tensor, losers: torch.Tensor) -> float:
-        """Fraction of pairs whose winner scores higher (a tie counts as wrong)."""
-        return float((self.score(winners) > self.score(losers)).double().mean())
+        """Fraction of pairs whose winner scores higher; a tie counts one half (features that cannot tell
+        two responses apart, e.g. both ending in the same end-of-turn token, score chance, not zero)."""
+        return pairwise_accuracy(self.score(winners) - self.score(losers))
 
 
 def fit_pairwise_probe(winners: torch.Tensor, losers: torch.Tensor, *, l2: float = 1e-3, tol: float = 1e-9,
@@ -70,8 +71,12 @@ def fit_pairwise_probe(winners: torch.Tensor, losers: torch.Tensor, *, l2: float
                 break
             t /= 2
         w = w - t * step
-    train_acc = float(((d @ w) > 0).double().mean())
-    return PairwiseProbe(w, mean, scale, train_acc, it)
+    return PairwiseProbe(w, mean, scale, pairwise_accuracy(d @ w), it)
+
+
+def pairwise_accuracy(margins: torch.Tensor) -> float:
+    """Mean of 1 for a positive margin, 1/2 for a tie, 0 otherwise."""
+    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).mean())
 
 
 def recommend_cut(heldout: dict[int, float], tolerance: float = 0.02) -> int:
