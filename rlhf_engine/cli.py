@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .catalog import commands
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlhf-engine",
         description="Megatron-style RLHF training engine: SFT, reward models, PPO and relatives.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks instead of one-line errors (or set RLHF_ENGINE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="inspect run configurations")
@@ -174,11 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .faults import EXIT_INTERRUPTED, EXIT_TRAINING_ERROR, Stopped, TrainingError  # lazy: keeps --help fast
+    from .parallel.checkpoint import CheckpointError  # lazy: imports torch
+
+    debug = getattr(args, "debug", False) or os.environ.get("RLHF_ENGINE_DEBUG") not in (None, "", "0")
     try:
         return args.func(args)
     except (ConfigError, DataError, LayoutError) as exc:
+        if debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:  # a stop signal was honoured: one line, a distinct code (75 preempted, 130 Ctrl-C)
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (TrainingError, CheckpointError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TRAINING_ERROR
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -39,7 +40,14 @@ from tqdm import tqdm
 from .algorithms.objective import Objective
 from .config import OptimConfig, RunConfig
 from .data.streams import Batch, Step, StepTotals
-from .parallel.checkpoint import latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
+from .faults import StopSignals, Stopped, TrainingError, finite_or_none
+from .parallel.checkpoint import (
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    load_rank_state,
+    save_checkpoint,
+)
 from .parallel.fp8 import fp8_metrics
 from .parallel.pipeline import PipelinedModel
 from .parallel.runtime import Runtime
@@ -125,9 +133,13 @@ def train_step(
     *,
     totals: StepTotals | None = None,
     loss_scale: float = 1.0,
+    agree: Callable[[list[bool]], list[bool]] | None = None,
+    stop_requested: bool = False,
 ) -> dict[str, float]:
     """Accumulate gradients over ``micro_batches``, clip, step; returns this rank's sums and the step's
-    grad norm and LR.
+    grad norm and LR. A step whose loss or gradient norm is not finite on any rank is skipped (no
+    update, the schedule does not advance): ``skipped`` is 1. ``agree`` makes every rank see the same
+    flags (any rank's bad step or stop request); ``stop`` reports the agreed stop request.
 
     ``totals``: the step's totals across data-parallel ranks (default: of these micro-batches).
     ``loss_scale``: multiplies each loss before backward; the data-parallel degree under FSDP, which
@@ -139,11 +151,15 @@ def train_step(
     loss_total, stats_total = forward_backward(model, objective, micro_batches, totals, train=True,
                                                loss_scale=loss_scale)
     grad_norm = clip_model_grads(model, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    flags = [not (math.isfinite(loss_total) and math.isfinite(grad_norm)), stop_requested]
+    bad, stop = agree(flags) if agree is not None else flags  # one all-reduce: every rank skips or steps
     lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, **stats_total}
+    if not bad:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped with the rest
+    return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, **stats_total,
+            "skipped": float(bad), "stop": float(stop)}
 
 
 def forward_backward(model: nn.Module, objective: Objective, micro_batches: Sequence[Any], totals: StepTotals, *,
@@ -217,28 +233,51 @@ class MetricsWriter:
     killed process wrote after its last checkpoint), so the file always reads as one uninterrupted run.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, stage: str | None = None, from_step: int = 0) -> None:
+    def __init__(self, out_dir: str | os.PathLike, *, stage: str | None = None, from_step: int = 0,
+                 max_steps: int | None = None) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.kept: list[dict[str, Any]] = []
         if stage is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip()
-                    and not _stale(json.loads(line), stage, from_step)]
+            lines = []
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a killed process or a full disk
+                    warnings.warn(f"{self.path}:{n}: dropped a damaged metrics line ({line[:60]!r})", stacklevel=2)
+                    continue
+                if not _stale(record, stage, from_step, max_steps):
+                    lines.append(line)
+                    self.kept.append(record)
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text("".join(line + "\n" for line in lines))
             tmp.replace(self.path)
         self.start = time.perf_counter()
 
     def write(self, record: dict[str, Any], echo: bool = True) -> None:
-        record = {"time_s": round(time.perf_counter() - self.start, 3), **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        record = finite_or_none({"time_s": round(time.perf_counter() - self.start, 3), **record})
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as exc:
+            raise TrainingError(f"cannot append to {self.path}: {exc.strerror or exc}") from None
         if echo:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
             print(shown, file=sys.stderr, flush=True)
 
 
-def _stale(record: dict[str, Any], stage: str, from_step: int) -> bool:
-    return record.get("stage") == stage and (from_step == 0 or record.get("step", 0) > from_step)
+def _stale(record: dict[str, Any], stage: str, from_step: int, max_steps: int | None = None) -> bool:
+    """A record of ``stage`` that a run opening at ``from_step`` writes again: all on a fresh start; after a
+    resume, those past the checkpoint, and the final evaluation when resuming at the last step (a run
+    killed between its final evaluation and its export evaluates again)."""
+    if record.get("stage") != stage:
+        return False
+    step = record.get("step", 0)
+    final_eval = max_steps is not None and from_step == max_steps == step and "loss" not in record \
+        and any(k.startswith("eval_") for k in record)
+    return from_step == 0 or step > from_step or final_eval
 
 
 class RunLog:
@@ -247,7 +286,8 @@ class RunLog:
 
     def __init__(self, cfg: RunConfig, out: Path, *, stage: str, enabled: bool, first_step: int = 0) -> None:
         self.stage = stage
-        self.writer = MetricsWriter(out, stage=stage, from_step=first_step) if enabled else None
+        self.writer = MetricsWriter(out, stage=stage, from_step=first_step, max_steps=cfg.trainer.max_steps) \
+            if enabled else None
         self.tb = _tensorboard(out / "tb", first_step) if enabled and cfg.logging.tensorboard else None
         self.bar = None
         if enabled and cfg.logging.progress_bar and sys.stderr.isatty():
@@ -263,10 +303,17 @@ class RunLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"{self.stage}/{k}", v, step)
 
+    def first_eval(self) -> dict[str, Any]:
+        """The stage's evaluation before training, from the records a resumed run kept (rank 0)."""
+        for r in self.writer.kept if self.writer is not None else []:
+            if r.get("stage") == self.stage and r.get("step") == 0 and "loss" not in r:
+                return {k: v for k, v in r.items() if k.startswith("eval_")}
+        return {}
+
     def advance(self, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else "non-finite")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -332,6 +379,11 @@ class Trainer(Generic[B]):
 
     def save(self) -> Path:
         """Collective: model, optimizer, RNG (DCP, atomic) and the schedule, data position and counters."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if self.rt.any_rank([bool(bad)])[0]:  # every rank stops, not only the one holding the bad shard
+            raise TrainingError(f"{self.name}: the model holds non-finite values at step {self.step} "
+                                f"({', '.join(bad[:3]) or 'on another rank'}); nothing was saved, the last "
+                                f"checkpoint under {self.ckpt_dir} is intact; lower optim.lr or set optim.grad_clip")
         progress = {"stage": self.name, "tokens": self.tokens, "stream": self.source.state_dict(),
                     "scheduler": self.scheduler.state_dict()}
         path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, progress=progress,
@@ -348,21 +400,38 @@ class Trainer(Generic[B]):
             shutil.rmtree(old, ignore_errors=True)
 
     def resume(self) -> bool:
-        """Load the checkpoint ``trainer.resume`` names ('auto': the latest of this stage, if any)."""
+        """Load the checkpoint ``trainer.resume`` names ('auto': the latest complete one of this stage, if
+        any). A checkpoint that cannot be loaded (truncated, corrupt) is named in a warning and the one
+        before it is tried; when none loads, one error names the newest and the way to start fresh."""
         choice = self.cfg.trainer.resume
         if choice == "never":
             return False
-        path = latest_checkpoint(self.ckpt_dir) if choice == "auto" else Path(choice)
-        if path is None:
-            return False
-        progress = load_checkpoint(path, self.model, self.optimizer)
-        if progress.get("stage", self.name) != self.name:
-            raise ValueError(f"{path} is a checkpoint of stage {progress['stage']!r}, not {self.name!r}")
-        self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
-        self.scheduler.load_state_dict(progress["scheduler"])
-        self.source.load_state_dict(progress["stream"])
-        self.source.load_rank_state(load_rank_state(path))
-        return True
+        candidates = complete_checkpoints(self.ckpt_dir) if choice == "auto" else [Path(choice)]
+        failures = []
+        for path in candidates:
+            try:
+                progress = load_checkpoint(path, self.model, self.optimizer)
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException; any failure to read it
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                failures.append(f"{path}: {reason}")
+                if self.rt.is_main:
+                    warnings.warn(f"cannot resume from {path} ({reason}); trying the checkpoint before it",
+                                  stacklevel=2)
+                continue
+            if progress.get("stage", self.name) != self.name:
+                raise TrainingError(f"{path} is a checkpoint of stage {progress['stage']!r}, not {self.name!r}")
+            self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
+            self.scheduler.load_state_dict(progress["scheduler"])
+            self.source.load_state_dict(progress["stream"])
+            self.source.load_rank_state(load_rank_state(path))
+            return True
+        if failures:
+            raise TrainingError(f"{self.name}: cannot resume from any checkpoint under {self.ckpt_dir} ({failures[0]}); "
+                                "if the model, its shape or the layout changed since it was saved, start fresh "
+                                "with trainer.resume=never or another trainer.out_dir")
+        return False
 
     # ------------------------------------------------------------------------------------ evaluation
 
@@ -385,28 +454,39 @@ class Trainer(Generic[B]):
 
     # ------------------------------------------------------------------------------------ training
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, resumed: bool | None = None) -> dict[str, Any]:
         """Run (or continue) to ``trainer.max_steps`` (or ``trainer.stop_after``); returns the first and
-        final evaluations and counters. Rank 0 writes the logs."""
+        final evaluations and counters. Rank 0 writes the logs. ``resumed``: ``resume()`` was already
+        called (and returned this); else it is called here.
+
+        A stop signal (``faults.StopSignals``) ends the run after the current step with a checkpoint and
+        ``faults.Stopped``; ``trainer.max_bad_steps`` non-finite steps in a row end it with
+        ``faults.TrainingError``, the last good checkpoint intact."""
+        with StopSignals() as signals:
+            return self._fit(self.resume() if resumed is None else resumed, signals)
+
+    def _fit(self, resumed: bool, signals: StopSignals) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
         t = cfg.trainer
-        resumed = self.resume()
         log = RunLog(cfg, self.out, stage=self.name, enabled=rt.is_main, first_step=self.step)
-        first_eval = {} if resumed else self.evaluate()
-        if first_eval:
+        first_eval = log.first_eval() if resumed else self.evaluate()
+        if first_eval and not resumed:
             log.write(self.step, first_eval)
         if resumed:
             log.write(self.step, {"resumed_from": self.step})
         last = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+        bad_in_a_row = skipped = 0
         while self.step < last:
             t0 = time.perf_counter()  # data making counts: for RL it is the rollout (generation, scoring)
             step = self.source.next_step()
             mine = [b.to(rt.device) for b in step.micro_batches]
             m = train_step(self.model, self.optimizer, self.scheduler, mine, self.objective, cfg.optim.grad_clip,
-                           totals=step.totals, loss_scale=rt.loss_scale)
+                           totals=step.totals, loss_scale=rt.loss_scale, agree=rt.any_rank,
+                           stop_requested=signals.requested is not None)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
             elapsed = time.perf_counter() - t0
+            bad, stop = m.pop("skipped") > 0, m.pop("stop") > 0
             sums = rt.sum_over_dp({k: v for k, v in m.items() if k not in ("grad_norm", "lr")})
             self.step += 1
             step_tokens = int(step.totals["tokens"])
@@ -419,15 +499,31 @@ class Trainer(Generic[B]):
                       "step_s": round(elapsed, 3)}
             if rt.world_size > 1:  # rank 0 writes the record; the busiest rank's memory is what must fit
                 record["peak_mem_mb_max_rank"] = round(rt.max_over_ranks(peak_memory_mb(rt.device)), 1)
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            skipped += bad
+            if skipped:
+                record["skipped_steps"] = skipped  # non-finite loss or gradient norm: no update
             if cfg.precision.fp8 is not None:
                 record.update(fp8_metrics(self.model))
             extra = self.source.after_step(record)
             record.update(extra)
             log.advance(record["loss"])
-            if self.step % cfg.logging.log_every == 0 or self.step == last or extra:
+            if self.step % cfg.logging.log_every == 0 or self.step == last or extra or bad:
                 log.write(self.step, record)
+            if bad_in_a_row >= t.max_bad_steps:
+                log.close()
+                kept = latest_checkpoint(self.ckpt_dir)
+                raise TrainingError(
+                    f"{self.name}: {bad_in_a_row} steps in a row (to step {self.step}) had a non-finite loss or "
+                    f"gradient norm and were skipped (trainer.max_bad_steps={t.max_bad_steps}); "
+                    + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was written")
+                    + "; lower optim.lr or set optim.grad_clip")
             if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
                 log.write(self.step, self.evaluate())
+            if stop:  # every rank agreed in train_step: finish with a checkpoint (collective: all ranks save)
+                path = self.save()
+                log.close()
+                raise Stopped(signals.requested or signal.SIGTERM, self.step, str(path))
             if t.save_every and (self.step % t.save_every == 0 or self.step == last):
                 self.save()
         log.close()
@@ -435,4 +531,4 @@ class Trainer(Generic[B]):
         if final_eval:
             log.write(self.step, final_eval, echo=True)
         return {"step": self.step, "finished": self.step == t.max_steps, "tokens": self.tokens,
-                "first_eval": first_eval, "final_eval": final_eval, "resumed": resumed}
+                "first_eval": first_eval, "final_eval": final_eval, "resumed": resumed, "skipped_steps": skipped}

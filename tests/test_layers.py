@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_engine"
 
 # Bottom to top. A module may import from its own layer or any layer below, never above.
 LAYERS = [
-    ("base", ["rlhf_engine", "rlhf_engine._C", "rlhf_engine.registry", "rlhf_engine.catalog"]),
+    ("base", ["rlhf_engine", "rlhf_engine._C", "rlhf_engine.registry", "rlhf_engine.catalog", "rlhf_engine.faults"]),
     ("config", ["rlhf_engine.config"]),
     ("models, data", ["rlhf_engine.models", "rlhf_engine.data"]),
     ("algorithms", ["rlhf_engine.algorithms"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from .model import section
@@ -32,6 +33,9 @@ class ParallelConfig:
     """Layers of the first pipeline stage; None: balanced by cost (docs/architecture.md)."""
     pp_last_stage_layers: int | None = None
     """Layers of the last pipeline stage; None: balanced by cost."""
+    timeout_s: float = 600.0
+    """Collective timeout: a rank that stops answering (dead, stopped, deadlocked) makes every other rank
+    fail within this many seconds instead of waiting torch's default 30 minutes."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward, keeping only its input."""
 
@@ -43,6 +47,8 @@ class ParallelConfig:
             raise ValueError("dp_shard must be >= 1, or -1 to fill the world size")
         if self.pp_stages_per_rank > 1 and self.pp_schedule == "1f1b":
             raise ValueError("pp_stages_per_rank > 1 needs pp_schedule='interleaved_1f1b' (or 'gpipe')")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"parallel.timeout_s={self.timeout_s} must be a finite number > 0")
         for name in ("pp_first_stage_layers", "pp_last_stage_layers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or null: balanced by cost)")
@@ -145,6 +151,21 @@ class OptimConfig:
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value; None disables clipping."""
 
+    def __post_init__(self) -> None:
+        def positive(name: str, value: float | None, *, zero: bool = False) -> None:
+            if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+                raise ValueError(f"optim.{name}={value} must be a finite number {'>= 0' if zero else '> 0'}")
+
+        for name in ("lr", "critic_lr", "eps", "grad_clip"):
+            positive(name, getattr(self, name))
+        positive("weight_decay", self.weight_decay, zero=True)
+        if not (math.isfinite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must each be in [0, 1)")
+
 
 @section
 class RolloutConfig:
@@ -191,6 +212,9 @@ class TrainerConfig:
     """Run directory: metrics, resolved config, checkpoints, exported model."""
     save_every: int = 0
     """Write an atomic checkpoint every N steps (and at the last step run); 0: no checkpoints."""
+    max_bad_steps: int = 5
+    """Steps with a non-finite loss or gradient norm are skipped (no update); this many in a row stop the
+    run, the last good checkpoint intact."""
     keep_checkpoints: int = 2
     """Keep the newest N checkpoints of a stage; 0 keeps all."""
     resume: str = "auto"
@@ -209,6 +233,8 @@ class TrainerConfig:
             raise ValueError("stop_after must be >= 1")
         if self.token_budget is not None and self.token_budget < 2:
             raise ValueError("token_budget must be >= 2")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"trainer.max_bad_steps={self.max_bad_steps} must be >= 1")
 
 
 @section

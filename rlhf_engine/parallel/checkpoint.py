@@ -72,40 +72,110 @@ def save_checkpoint(
     final = directory / f"step_{step:08d}"
     tmp = directory / f"step_{step:08d}.tmp"
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("step_*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
-    if rank_state is not None:
-        torch.save(rank_state, tmp / f"state_rank{_rank():05d}.pt")
+    _check_space(directory, _local_bytes(state))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+        if rank_state is not None:
+            torch.save(rank_state, tmp / f"state_rank{_rank():05d}.pt")
+    except BaseException as exc:  # a full disk: OSError, or DCP's CheckpointException (a BaseException)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(directory).free
+        raise CheckpointError(f"writing checkpoint {tmp} failed ({' '.join(str(exc).split())[:200]}); "
+                              f"{free / 2**20:.0f} MiB free there; the previous checkpoint is intact") from None
     _barrier()
     if _rank() == 0:
         meta = {"step": step, "world_size": _world(), **(progress or {})}
         (tmp / PROGRESS).write_text(json.dumps(meta, indent=2))
+        _fsync_tree(tmp)  # rename-based atomicity survives a dead process; fsync makes it survive a node crash
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         pointer = directory / f".{LATEST}.tmp"
         pointer.write_text(final.name)
+        _fsync_file(pointer)
         pointer.replace(directory / LATEST)
+        _fsync_file(directory)
     _barrier()
     return final
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (space, I/O); one line names the path."""
+
+
+def _local_bytes(state: Any) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict (local shards of DTensors)."""
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_local_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _check_space(directory: Path, local_bytes: int) -> None:
+    """Refuse a save that cannot fit (every rank's share, plus 5%), before writing anything."""
+    need = torch.tensor([float(local_bytes)], dtype=torch.float64)
+    if dist.is_initialized():  # every rank writes its own share to the same directory
+        if dist.get_backend() != "gloo":
+            need = need.cuda()
+        dist.all_reduce(need)
+    need_bytes = int(float(need) * 1.05)
+    free = shutil.disk_usage(directory).free
+    if need_bytes > free:
+        for tmp in directory.glob("step_*.tmp"):  # this save's empty directory
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"not enough space for a checkpoint in {directory}: it needs about "
+                              f"{need_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free space, lower "
+                              "trainer.keep_checkpoints or point trainer.out_dir elsewhere; the previous checkpoint is intact")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):  # files, then their directories
+        _fsync_file(path)
+    _fsync_file(root)
+
+
+def complete_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``directory``, newest first: renamed into place (not ``*.tmp``), with a
+    readable progress record and DCP's metadata. ``latest`` is not trusted over the directory listing."""
+    out = []
+    for path in sorted(Path(directory).glob("step_*"), reverse=True):
+        if path.suffix == ".tmp" or not (path / ".metadata").exists():
+            continue
+        try:
+            int(json.loads((path / PROGRESS).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        out.append(path)
+    return out
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``directory``, or None."""
-    directory = Path(directory)
-    pointer = directory / LATEST
-    if pointer.exists():
-        path = directory / pointer.read_text().strip()
-        if (path / PROGRESS).exists():
-            return path
-    complete = sorted(p for p in directory.glob("step_*") if p.suffix != ".tmp" and (p / PROGRESS).exists())
-    return complete[-1] if complete else None
+    """The newest complete checkpoint under ``directory`` (``complete_checkpoints``), or None."""
+    complete = complete_checkpoints(directory)
+    return complete[0] if complete else None
 
 
 def load_checkpoint(
@@ -119,7 +189,10 @@ def load_checkpoint(
     path = Path(path)
     if not (path / PROGRESS).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {PROGRESS})")
-    progress = json.loads((path / PROGRESS).read_text())
+    try:
+        progress = json.loads((path / PROGRESS).read_text())
+    except ValueError:
+        raise ValueError(f"{path / PROGRESS} is damaged (not JSON)") from None
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)

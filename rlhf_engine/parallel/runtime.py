@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -119,6 +120,14 @@ class Runtime:
         t /= self.dims.tp * self.dims.pp
         return dict(zip(keys, t.tolist()))
 
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """Each flag set on any rank, in one all-reduce (every rank then takes the same branch)."""
+        if self.mesh is None:
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
     def max_over_ranks(self, value: float) -> float:
         """The largest of every rank's ``value`` (e.g. peak memory: the busiest pipeline stage's)."""
         if self.mesh is None:
@@ -144,7 +153,9 @@ def init_runtime(cfg: RunConfig) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # a rank that stops answering fails every collective after parallel.timeout_s, not torch's 30 minutes
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=cfg.parallel.timeout_s))
         mesh = dims.build_mesh(device.type)
     return Runtime(device=device, dims=dims, mesh=mesh, rank=rank)
 

@@ -24,6 +24,7 @@ from ..algorithms.objective import Objective
 from ..config import RunConfig, to_dict, to_yaml, validate
 from ..data.streams import BatchStream, GlobalSteps
 from ..data.tokenizer import train_bpe_tokenizer
+from ..faults import finite_or_none
 from ..models import Transformer, load_hf_model, load_tokenizer, save_hf_model
 from ..parallel.checkpoint import gather_model
 from ..parallel.runtime import Runtime, init_runtime
@@ -71,7 +72,9 @@ def run_stage(cfg: RunConfig, name: str, setup: Callable[[StageContext], StageSe
     announce(rt, name, s.model, s.description)
     trainer = Trainer(cfg, rt, s.model, s.objective, s.source, name=name, eval_batches=s.eval_batches,
                       evaluate=s.evaluate, param_groups=s.param_groups)
-    result = trainer.fit()
+    resumed = trainer.resume()  # an incompatible checkpoint stops here, before the recorded config changes
+    record_config(cfg, rt, out)
+    result = trainer.fit(resumed)
     summary: dict[str, Any] = {"steps": result["step"], "finished": result["finished"], "resumed": result["resumed"],
                                "world_size": rt.world_size, **s.summarize(result)}
     if result["finished"] and s.export is not None:
@@ -93,14 +96,22 @@ def derive(cfg: RunConfig, source: str = "derived", **sections: dict[str, Any]) 
 
 
 def open_run(cfg: RunConfig, rt: Runtime) -> Path:
-    """Create ``trainer.out_dir`` and record the resolved config (rank 0); seed torch."""
+    """Create ``trainer.out_dir`` (rank 0); seed torch. The config is recorded by ``record_config`` once
+    the run is known to start or resume."""
     torch.manual_seed(cfg.trainer.seed)
     out = Path(cfg.trainer.out_dir)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
     rt.barrier()
     return out
+
+
+def record_config(cfg: RunConfig, rt: Runtime, out: Path) -> None:
+    """Write the resolved config to ``<out_dir>/config.yaml`` (rank 0, write-then-rename)."""
+    if rt.is_main:
+        tmp = out / ".config.yaml.tmp"
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(out / "config.yaml")
 
 
 def build_tokenizer(cfg: RunConfig, texts: Iterable[str], rt: Runtime, out: Path):
@@ -149,7 +160,7 @@ def announce(rt: Runtime, stage: str, model: torch.nn.Module, text: str) -> None
 
 
 def write_summary(rt: Runtime, out: Path, summary: dict[str, Any], name: str = "summary.json") -> None:
-    if rt.is_main:
+    if rt.is_main:  # valid JSON always: a non-finite number is written as null
         tmp = out / f".{name}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
         tmp.replace(out / name)
