@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Stopped as exc:  # a stop signal was honoured: one line, a distinct code (75 preempted, 130 Ctrl-C)
         print(f"stopped: {exc}", file=sys.stderr)
+        marker = os.environ.get("RLHF_ENGINE_STOP_MARKER")  # torchrun hides exit codes: tell the sbatch script
+        if marker:
+            with open(marker, "w") as f:
+                f.write(f"{exc}\n")
         return exc.exit_code
     except (TrainingError, CheckpointError) as exc:
         if debug:

@@ -379,7 +379,8 @@ class Trainer(Generic[B]):
 
     def save(self) -> Path:
         """Collective: model, optimizer, RNG (DCP, atomic) and the schedule, data position and counters."""
-        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731 (this rank's shard)
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(local(p.detach())).all())]
         if self.rt.any_rank([bool(bad)])[0]:  # every rank stops, not only the one holding the bad shard
             raise TrainingError(f"{self.name}: the model holds non-finite values at step {self.step} "
                                 f"({', '.join(bad[:3]) or 'on another rank'}); nothing was saved, the last "

@@ -173,7 +173,8 @@ def _run_until(tmp_path: Path, out: Path, sig: int, after_step: int, *extra: str
     """Start the CLI, send ``sig`` once it has logged ``after_step``; returns (exit code, stderr)."""
     cmd = [sys.executable, "-m", "rlhf_engine", "sft", "--config", "configs/sft_tiny.yaml", *TINY,
            f"trainer.out_dir={out}", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]),
+           "RLHF_ENGINE_STOP_MARKER": str(tmp_path / "stopped")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:
@@ -193,6 +194,7 @@ def test_sigterm_finishes_the_step_checkpoints_exits_75_and_resumes_bit_exact(tm
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped: stopped by SIGTERM after step") and "run the same command again" in last
     assert "Traceback" not in err
+    assert "stopped by SIGTERM" in (tmp_path / "stopped").read_text()  # the sbatch script requeues on it
     assert _sft(tmp_path / "run", "trainer.max_steps=8") == 0
     assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
 
