@@ -415,7 +415,8 @@ class Trainer(Generic[B]):
             except BaseException as exc:  # DCP's CheckpointException is a BaseException; any failure to read it
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                reason = lines[-1][:300] if lines else type(exc).__name__  # DCP wraps the cause in a traceback
                 failures.append(f"{path}: {reason}")
                 if self.rt.is_main:
                     warnings.warn(f"cannot resume from {path} ({reason}); trying the checkpoint before it",

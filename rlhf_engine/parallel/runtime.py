@@ -147,7 +147,7 @@ def init_runtime(cfg: RunConfig) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", "0")))
     dims = ParallelDims.from_config(cfg.parallel, world)
-    check_layout(cfg, dims)
+    check_layout(cfg, dims, device.type)
     mesh = None
     if world > 1:
         if device.type == "cuda":
@@ -160,11 +160,14 @@ def init_runtime(cfg: RunConfig) -> Runtime:
     return Runtime(device=device, dims=dims, mesh=mesh, rank=rank)
 
 
-def check_layout(cfg: RunConfig, dims: ParallelDims) -> None:
+def check_layout(cfg: RunConfig, dims: ParallelDims, device_type: str = "cpu") -> None:
     """What can be refused from the config alone, before a process group or a model exists: a pipeline
     schedule that cannot run, a model with fewer layers than stages or heads that tp cannot split."""
     p = cfg.parallel
     if dims.pp > 1:
         check_schedule(p.pp_schedule, pp=dims.pp, chunks=p.pp_stages_per_rank, microbatches=cfg.trainer.grad_accum_steps)
+        if device_type == "cuda" and p.pp_schedule == "interleaved_1f1b":
+            raise LayoutError("pp_schedule=interleaved_1f1b over NCCL is not supported yet (its messages are matched by "
+                              "tag, which NCCL ignores); use pp_schedule=1f1b or gpipe on GPUs")
     if cfg.model.architecture is not None:
         dims.check_model(cfg.model.architecture, stages=p.pp_stages_per_rank if dims.pp > 1 else 1)
