@@ -26,7 +26,14 @@ import sys
 from .catalog import commands
 from .config import ConfigError, load_config, to_yaml
 from .data.reader import DataError
-from .parallel.dims import LayoutError
+from .faults import (
+    EXIT_INTERRUPTED,
+    EXIT_TRAINING_ERROR,
+    CheckpointError,
+    LayoutError,
+    Stopped,
+    TrainingError,
+)
 from .stages import runner
 
 
@@ -177,9 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .faults import EXIT_INTERRUPTED, EXIT_TRAINING_ERROR, Stopped, TrainingError  # lazy: keeps --help fast
-    from .parallel.checkpoint import CheckpointError  # lazy: imports torch
-
     debug = getattr(args, "debug", False) or os.environ.get("RLHF_ENGINE_DEBUG") not in (None, "", "0")
     try:
         return args.func(args)

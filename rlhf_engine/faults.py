@@ -9,6 +9,8 @@
   finishes, every rank agrees at the step's end (the non-finite check's all-reduce carries the flag),
   a checkpoint is written and the process exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL), which the
   sbatch script requeues. Ctrl-C does the same with exit code 130; a second Ctrl-C stops at once.
+- **Errors** live here, torch-free, so the command line can report them without importing torch:
+  ``LayoutError`` (re-exported by ``parallel.dims``), ``CheckpointError``, ``TrainingError``.
 - **Non-finite steps.** ``TrainingError`` ends a run after ``trainer.max_bad_steps`` non-finite steps in
   a row (each is skipped: no optimizer update), or when a model about to be saved holds a non-finite
   value. Metrics and summaries write non-finite numbers as null, so they stay valid JSON.
@@ -24,6 +26,14 @@ from typing import Any
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (the sbatch script requeues on it)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_TRAINING_ERROR = 1
+
+
+class LayoutError(ValueError):
+    """A parallel layout does not fit the world size or the model; the message names the numbers."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (space, I/O); one line names the path."""
 
 
 class TrainingError(RuntimeError):

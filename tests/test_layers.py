@@ -4,6 +4,7 @@ and an import inside a function says why it is there. The picture is in docs/arc
 """
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,21 @@ def test_files_stay_at_600_lines_or_fewer():
     long = [f"{p.relative_to(root)}: {n}" for p in [*PACKAGE.rglob("*.py"), *(root / "kernels").rglob("*.py")]
             if (n := len(p.read_text().splitlines())) > 600]
     assert not long, long
+
+
+def test_command_line_starts_without_torch():
+    """``--help`` and ``config show`` import neither torch nor transformers (a fresh interpreter), so they
+    answer at once; errors the CLI reports (faults.py) are torch-free for the same reason."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io; from rlhf_engine.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['config', 'show', 'configs/sft_tiny.yaml'])\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    root = PACKAGE.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]

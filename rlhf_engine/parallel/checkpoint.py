@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..faults import CheckpointError
 from ..models import Transformer, save_hf_model
 from .pipeline import PipelinedModel
 
@@ -108,10 +109,6 @@ def save_checkpoint(
         _fsync_file(directory)
     _barrier()
     return final
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (space, I/O); one line names the path."""
 
 
 def _local_bytes(state: Any) -> int:

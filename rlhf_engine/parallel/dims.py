@@ -15,13 +15,12 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ..faults import LayoutError
 from ..models.transformer import TransformerConfig
 
+__all__ = ["LayoutError", "MESH_DIMS", "ParallelDims"]
+
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
-
-
-class LayoutError(ValueError):
-    """A parallel layout does not fit the world size or the model; the message names the numbers."""
 
 
 @dataclass(frozen=True)
