@@ -52,7 +52,8 @@ def _train(args: argparse.Namespace) -> int:
                                   f"'rlhf-engine {args.command}' runs {', '.join(allowed)} (use 'rlhf-engine train')")
             cfg = load_config(args.config, [f"algorithm.name={allowed[0]}", *args.overrides])
     summary = runner(cfg.algorithm.name)(cfg)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun, not once per process
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -54,6 +54,7 @@ def test_sft_under_torchrun_matches_single_process(tmp_path, layout_id):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert proc.stdout.count('"world_size"') == 1  # the summary is printed once, not once per process
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "dist")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) <= tol, (a, b)

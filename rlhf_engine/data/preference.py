@@ -91,8 +91,9 @@ def scores_to_ranking(scores: Sequence[float], decimals: int = 6) -> list[int]:
 def parse_ranking(row: Any) -> Ranking:
     if isinstance(row, dict) and "chosen" in row and "responses" not in row:
         _keys(row, {"prompt", "chosen", "rejected"})
-        return Ranking(parse_prompt(row["prompt"]), (_response(row["chosen"], "'chosen'"),
-                                                     _response(row["rejected"], "'rejected'")), (1, 2))
+        pair = (_response(row["chosen"], "'chosen'"), _response(row["rejected"], "'rejected'"))
+        _distinct(pair, ("'chosen'", "'rejected'"))
+        return Ranking(parse_prompt(row["prompt"]), pair, (1, 2))
     _keys(row, {"prompt", "responses", "ranking"})
     responses, ranks = row["responses"], row["ranking"]
     if not isinstance(responses, list) or not 2 <= len(responses) <= MAX_RANKED:
@@ -104,8 +105,20 @@ def parse_ranking(row: Any) -> Ranking:
         raise ValueError(f"'ranking' entries must be integers >= 1 (1 = best), got {ranks!r}")
     if len(set(ranks)) == 1:
         raise ValueError("all responses are tied: the ranking gives no preference pair")
-    return Ranking(parse_prompt(row["prompt"]),
-                   tuple(_response(r, f"'responses'[{i}]") for i, r in enumerate(responses)), tuple(ranks))
+    texts = tuple(_response(r, f"'responses'[{i}]") for i, r in enumerate(responses))
+    _distinct(texts, [f"'responses'[{i}]" for i in range(len(texts))])
+    return Ranking(parse_prompt(row["prompt"]), texts, tuple(ranks))
+
+
+def _distinct(texts, names) -> None:
+    """Refuse the same response twice in one comparison: ranked apart it contradicts itself, ranked
+    together it only adds a tie; either way the labeler's file should say it once."""
+    seen: dict[str, str] = {}
+    for text, name in zip(texts, names):
+        key = " ".join(str(text).split())
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {name} are the same response; keep one (a tie is no preference)")
+        seen[key] = name
 
 
 @dataclass(frozen=True)

