@@ -24,6 +24,34 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+LOSS_LABELS = {
+    "pretrain": "next-token NLL (nats/token)",
+    "sft": "NLL on assistant tokens",
+    "rm": "-log sigmoid(r_w - r_l), per prompt",
+    "rl": "PPO loss: surrogate + value - entropy\n(the surrogate is -advantage-weighted: < 0 is fine)",
+    "dpo": "-log sigmoid(beta (log-ratio margin))",
+}
+
+
+def over_optimisation(out: Path) -> str | None:
+    """A sentence when the held-out gold reward fell from its best while the proxy kept rising, else None."""
+    evals = sorted((r for r in _records(out / "rl" / "metrics.jsonl") if "eval_kl" in r and f"eval_reward_{GOLD}" in r),
+                   key=lambda r: r["step"])
+    if len(evals) < 2:
+        return None
+    best = max(evals, key=lambda r: r[f"eval_reward_{GOLD}"])
+    last = evals[-1]
+    gold_drop = best[f"eval_reward_{GOLD}"] - last[f"eval_reward_{GOLD}"]
+    proxy_rise = last["eval_reward_preference"] - best["eval_reward_preference"]
+    if last is best or gold_drop <= 0.05 or proxy_rise <= 0:
+        return None
+    return (f"**Over-optimisation.** The held-out gold reward peaked at {best[f'eval_reward_{GOLD}']:.3f} at step "
+            f"{best['step']} (KL {best['eval_kl']:.2f}) and fell to {last[f'eval_reward_{GOLD}']:.3f} by step "
+            f"{last['step']} (KL {last['eval_kl']:.2f}), while the proxy rose from {best['eval_reward_preference']:.3f} "
+            f"to {last['eval_reward_preference']:.3f}: the policy is exploiting the reward model. Stopping at the "
+            "peak, a larger KL coefficient or a better RM would keep the gain.")
+
+
 def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
     import matplotlib  # lazy: matplotlib is slow to import and only the report draws
 
@@ -41,11 +69,20 @@ def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
                        alpha=0.35, color="tab:orange", label="proxy (RM), rollouts")
             ax.scatter([r["rollout/kl"] for r in roll], [r[f"rollout/reward_{GOLD}"] for r in roll], s=8, alpha=0.35,
                        color="tab:blue", label="gold, rollouts")
-        if evals:
-            ax.plot([r["eval_kl"] for r in evals], [r["eval_reward_preference"] for r in evals], "o-",
+        if evals:  # joined in order of KL (steps do not always raise it), each point marked with its step
+            by_kl = sorted(evals, key=lambda r: r["eval_kl"])
+            ax.plot([r["eval_kl"] for r in by_kl], [r["eval_reward_preference"] for r in by_kl], "o-",
                     color="tab:orange", label="proxy (RM), held-out")
-            ax.plot([r["eval_kl"] for r in evals], [r[f"eval_reward_{GOLD}"] for r in evals], "o-", color="tab:blue",
+            ax.plot([r["eval_kl"] for r in by_kl], [r[f"eval_reward_{GOLD}"] for r in by_kl], "s-", color="tab:blue",
                     label="gold, held-out")
+            for r in by_kl:
+                ax.annotate(str(r["step"]), (r["eval_kl"], r[f"eval_reward_{GOLD}"]), fontsize=6,
+                            textcoords="offset points", xytext=(2, -8))
+        # the table's two rows, from the pipeline's own evaluation (more samples than the RL stage's)
+        ax.scatter([0.0, summary["kl_final"]], [summary["gold_reward_sft"], summary["gold_reward_rl"]], marker="*",
+                   s=120, color="tab:blue", edgecolor="black", zorder=5, label="gold, report table (SFT, final)")
+        ax.scatter([0.0, summary["kl_final"]], [summary["proxy_reward_sft"], summary["proxy_reward_rl"]], marker="*",
+                   s=120, color="tab:orange", edgecolor="black", zorder=5, label="proxy, report table (SFT, final)")
         ax.set_xlabel("KL(policy || SFT) per response, nats")
         ax.set_ylabel("reward")
         ax.set_title("Proxy vs gold reward during RL")
@@ -70,13 +107,13 @@ def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
         made.append("rm_accuracy.png")
     stages = [s for s in ("pretrain", "sft", "rm", "rl", "dpo") if (out / s / "metrics.jsonl").exists()]
     if stages:
-        fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3), squeeze=False)
+        fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.2), squeeze=False)
         for ax, s in zip(axes[0], stages):
-            recs = [r for r in _records(out / s / "metrics.jsonl") if "loss" in r]
+            recs = [r for r in _records(out / s / "metrics.jsonl") if "loss" in r and r["loss"] is not None]
             ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
             ax.set_title(s)
             ax.set_xlabel("step")
-        axes[0][0].set_ylabel("training loss")
+            ax.set_ylabel(LOSS_LABELS.get(s, "training loss"), fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "losses.png", dpi=110)
         plt.close(fig)
@@ -121,6 +158,10 @@ on the labelers' held-out rankings.
 proxy reward is the RM's score, which RL maximises. Learning shows as gold reward above the SFT policy's
 at a moderate KL. Over-optimisation shows as a proxy that keeps rising while gold stalls or falls, as
 the policy drifts (higher KL) into text the RM was never trained on.
+In `reward_vs_kl.png` the stars are this table's rows; the held-out curve is the RL stage's own
+evaluation every few steps (its step numbers marked), on fewer samples, so its step-0 point differs from
+the table's SFT row by sampling noise.
+{over_optimisation(out) or ""}
 {note}
 {chr(10).join(f'![{p}]({p})' for p in plots)}
 

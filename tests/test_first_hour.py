@@ -57,3 +57,20 @@ def test_single_process_checkpoints_do_not_warn(tmp_path):
         path = save_checkpoint(tmp_path, 1, model)
         load_checkpoint(path, model)
     assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+
+
+def test_report_states_over_optimisation_with_its_numbers(tmp_path):
+    from rlhf_engine.report import over_optimisation
+
+    def write(rows):
+        (tmp_path / "rl").mkdir(exist_ok=True)
+        (tmp_path / "rl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    ev = lambda step, kl, gold, proxy: {"stage": "rl", "step": step, "eval_kl": kl,  # noqa: E731
+                                        "eval_reward_quickstart_gold": gold, "eval_reward_preference": proxy}
+    write([ev(0, 0.0, 0.1, 0.2), ev(20, 2.0, 0.9, 1.0), ev(40, 6.0, 0.4, 1.8)])
+    text = over_optimisation(tmp_path)
+    assert text and "peaked at 0.900 at step 20" in text and "fell to 0.400 by step 40" in text
+    assert "proxy rose from 1.000 to 1.800" in text
+    write([ev(0, 0.0, 0.1, 0.2), ev(20, 2.0, 0.9, 1.0), ev(40, 6.0, 1.1, 1.8)])  # gold still rising
+    assert over_optimisation(tmp_path) is None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,17 @@ def evaluate_policy(cfg: RunConfig, sft_path: str, rm_path: str, policy_path: st
             [:: cfg.pipeline.eval_samples]}  # the first sample of each prompt
 
 
+STAGE_WORK = {
+    "pretrain": "next-token pretraining from scratch on the task's plain-text corpus",
+    "sft": "supervised fine-tuning on chat demonstrations (loss on assistant tokens only)",
+    "rankings": "sampling K responses per prompt from the SFT model; simulated labelers rank them",
+    "rm": "ranking reward model on those rankings (all pairs per prompt, InstructGPT's loss)",
+    "rl": "policy optimisation against the reward model, KL-penalised towards the SFT model",
+    "dpo": "direct preference optimisation on the same rankings (offline)",
+    "evaluation": "gold and proxy reward, KL and samples of the SFT and final policies; report.md",
+}
+
+
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     start = time.perf_counter()
     p, out = cfg.pipeline, Path(cfg.trainer.out_dir)
@@ -125,7 +137,14 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     stage = lambda name, **kw: derive(cfg, name, **kw)  # noqa: E731
     timings: dict[str, float] = {}
 
+    order = (["pretrain"] if cfg.model.hf_path is None else []) + ["sft", "rankings", "rm", p.rl_algorithm
+                                                                      if p.rl_algorithm == "dpo" else "rl", "evaluation"]
+
+    def banner(name: str) -> None:
+        print(f"\n== stage {order.index(name) + 1}/{len(order)}: {name}: {STAGE_WORK[name]}", file=sys.stderr, flush=True)
+
     def timed(name, fn, c):
+        banner(name)
         t = time.perf_counter()
         result = fn(c)
         timings[name] = round(time.perf_counter() - t, 1)
@@ -133,7 +152,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     # 1-2: pretraining (from scratch only) and SFT
     if cfg.model.hf_path is None:
-        timed("pretrain", run_sft, stage("pretrain", algorithm={"name": "sft"},
+        timed("pretrain", lambda c: run_sft(c, name="pretrain"), stage("pretrain", algorithm={"name": "sft"},
               data={"train_path": str(files["pretrain"]), "eval_path": None, "eval_fraction": 0.02},
               optim={"lr": p.pretrain_lr}, trainer={"out_dir": str(out / "pretrain"), "max_steps": p.pretrain_steps}))
         base = str(out / "pretrain" / "hf")
@@ -147,6 +166,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     from_sft = {"hf_path": sft_path, "architecture": None, "tokenizer_path": None}
 
     # 3-4: rankings of SFT samples by simulated labelers, the ranking RM
+    banner("rankings")
     t = time.perf_counter()
     labels = make_rankings(cfg, sft_path, task.prompts[: p.ranking_prompts], out)
     timings["rankings"] = round(time.perf_counter() - t, 1)
@@ -168,6 +188,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     policy_path = final["export"]
 
     # 6: evaluation, summary, report
+    banner("evaluation")
     t = time.perf_counter()
     before = evaluate_policy(cfg, sft_path, rm_path, None, task.eval_prompts, rt.device)
     after = evaluate_policy(cfg, sft_path, rm_path, policy_path, task.eval_prompts, rt.device)

@@ -64,6 +64,7 @@ def setup_sft(ctx: StageContext) -> StageSetup:
                       eval_batches=eval_batches(eval_ex, cfg, pad), summarize=summarize, export=export)
 
 
-def run_sft(cfg: RunConfig) -> dict[str, Any]:
-    """Train, evaluate and export; returns the summary also written to ``<out_dir>/summary.json``."""
-    return run_stage(cfg, "sft", setup_sft)
+def run_sft(cfg: RunConfig, name: str = "sft") -> dict[str, Any]:
+    """Train, evaluate and export; returns the summary also written to ``<out_dir>/summary.json``.
+    ``name`` tags the logs and checkpoints (the quickstart's next-token pretraining runs as ``pretrain``)."""
+    return run_stage(cfg, name, setup_sft)
