@@ -55,9 +55,13 @@ SHORT = ["pipeline.pretrain_steps=12", "pipeline.sft_steps=10", "pipeline.rm_ste
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
-def test_shortened_quickstart_writes_the_run_directory(tmp_path, algorithm):
+def test_shortened_quickstart_writes_the_run_directory(tmp_path, algorithm, capsys):
     out = tmp_path / "qs"
     s = run_pipeline(quickstart_config([f"trainer.out_dir={out}", f"pipeline.rl_algorithm={algorithm}", *SHORT]))
+    banners = [line for line in capsys.readouterr().err.splitlines() if line.startswith("== stage ")]
+    final = "rl" if algorithm == "ppo" else "dpo"
+    assert [b.split(":")[0] for b in banners] == [f"== stage {i}/6" for i in range(1, 7)]  # one banner per stage
+    assert [b.split(": ")[1] for b in banners] == ["pretrain", "sft", "rankings", "rm", final, "evaluation"]
     for name in ("summary.json", "report.md", "metrics.jsonl", "data/rankings.jsonl", "pretrain/hf/config.json",
                  "sft/hf/model.safetensors", "rm/hf/config.json", f"{'rl' if algorithm == 'ppo' else 'dpo'}/hf/config.json"):
         assert (out / name).exists(), name
