@@ -256,7 +256,8 @@ class MetricsWriter:
             tmp.replace(self.path)
         self.start = time.perf_counter()
 
-    def write(self, record: dict[str, Any], echo: bool = True) -> None:
+    def write(self, record: dict[str, Any], echo: bool = True, prefix: str = "") -> None:
+        """Append ``record``; with ``echo``, also print it (after ``prefix``, e.g. 'step 20/150, ETA 1m05s')."""
         record = finite_or_none({"time_s": round(time.perf_counter() - self.start, 3), **record})
         try:
             with self.path.open("a") as f:
@@ -265,7 +266,7 @@ class MetricsWriter:
             raise TrainingError(f"cannot append to {self.path}: {exc.strerror or exc}") from None
         if echo:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-            print(shown, file=sys.stderr, flush=True)
+            print(prefix + shown, file=sys.stderr, flush=True)
 
 
 def _stale(record: dict[str, Any], stage: str, from_step: int, max_steps: int | None = None) -> bool:
@@ -286,6 +287,7 @@ class RunLog:
 
     def __init__(self, cfg: RunConfig, out: Path, *, stage: str, enabled: bool, first_step: int = 0) -> None:
         self.stage = stage
+        self.first_step, self.max_steps, self.started = first_step, cfg.trainer.max_steps, time.perf_counter()
         self.writer = MetricsWriter(out, stage=stage, from_step=first_step, max_steps=cfg.trainer.max_steps) \
             if enabled else None
         self.tb = _tensorboard(out / "tb", first_step) if enabled and cfg.logging.tensorboard else None
@@ -297,11 +299,20 @@ class RunLog:
         if self.writer is None:
             return
         self.writer.write({"stage": self.stage, "step": step, **record},
-                          echo=(self.bar is None) if echo is None else echo)
+                          echo=(self.bar is None) if echo is None else echo, prefix=self._progress(step))
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def _progress(self, step: int) -> str:
+        """'stage step x/N, ETA ..' for the printed lines (a terminal has the bar instead)."""
+        done = step - self.first_step
+        text = f"[{self.stage} {step}/{self.max_steps}"
+        if done > 0 and step < self.max_steps:
+            eta = (time.perf_counter() - self.started) / done * (self.max_steps - step)
+            text += f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        return text + "] "
 
     def first_eval(self) -> dict[str, Any]:
         """The stage's evaluation before training, from the records a resumed run kept (rank 0)."""

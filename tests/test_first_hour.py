@@ -74,3 +74,15 @@ def test_report_states_over_optimisation_with_its_numbers(tmp_path):
     assert "proxy rose from 1.000 to 1.800" in text
     write([ev(0, 0.0, 0.1, 0.2), ev(20, 2.0, 0.9, 1.0), ev(40, 6.0, 1.1, 1.8)])  # gold still rising
     assert over_optimisation(tmp_path) is None
+
+
+def test_progress_lines_say_step_of_total_and_eta_without_a_terminal(tmp_path, capsys):
+    tiny = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
+            "model.architecture.num_layers=2", "data.builtin_rows=300", "data.seq_len=128",
+            "trainer.micro_batch_size=2", "trainer.max_steps=4", "trainer.eval_every=0", "logging.log_every=2",
+            "logging.tensorboard=false", f"trainer.out_dir={tmp_path}"]
+    assert main(["sft", "--config", "configs/sft_tiny.yaml", *tiny]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "stage=sft" in line]
+    assert lines[0].startswith("[sft 0/4] ") and "eval_loss=" in lines[0]
+    assert lines[1].startswith("[sft 2/4, ETA ") and "loss=" in lines[1]
+    assert lines[-1].startswith("[sft 4/4] ")
