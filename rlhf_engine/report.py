@@ -162,6 +162,7 @@ In `reward_vs_kl.png` the stars are this table's rows; the held-out curve is the
 evaluation every few steps (its step numbers marked), on fewer samples, so its step-0 point differs from
 the table's SFT row by sampling noise.
 {over_optimisation(out) or ""}
+{(s.get("sft_start") or {}).get("explanation", "")}
 {note}
 {chr(10).join(f'![{p}]({p})' for p in plots)}
 

@@ -34,6 +34,27 @@ def test_malformed_rows_name_file_and_line(tmp_path):
             list(read_jsonl(path, parse_conversation))
 
 
+def test_malformed_jsonl_errors_report_the_column_of_the_offending_character(tmp_path):
+    """The reported column (1-based characters) is where the line goes wrong, shown marked in an excerpt;
+    a stray comma is reported at the comma; non-ASCII text before it counts one column per character."""
+    cases = {
+        '{"prompt": "p", "chosen": "a",}': (30, ">>,<<}", "trailing comma before '}'"),
+        '{"prompt": "p" "chosen": "a"}': (16, '"p" >>"<<chosen', "Expecting ',' delimiter"),
+        '{"prompt": "été", "chosen": "a" "rejected": "b"}': (33, '"a" >>"<<rejected', "Expecting ',' delimiter"),
+        '{"prompt": ["p",], "chosen": "a"}': (16, '"p">>,<<]', "trailing comma before ']'"),
+    }
+    for bad, (column, marked, why) in cases.items():
+        assert bad[column - 1] in ',"'  # the case itself: the column names the offending character
+        path = tmp_path / "rows.jsonl"
+        path.write_text('{"prompt": "ok", "chosen": "a", "rejected": "b"}\n' + bad + "\n", encoding="utf-8")
+        with pytest.raises(DataError) as info:
+            list(read_jsonl(path, lambda row: row))
+        msg = str(info.value)
+        assert msg.startswith(f"{path}:2: not valid JSON at column {column}: {why}: ") and marked in msg, msg
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a byte-order mark is not an error"}\r\n')
+    assert list(read_jsonl(path, lambda row: row)) == [{"prompt": "a byte-order mark is not an error"}]
+
+
 def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):
     conv = parse_conversation({"messages": [
         {"role": "system", "content": "Answer briefly."},

@@ -86,3 +86,62 @@ def test_progress_lines_say_step_of_total_and_eta_without_a_terminal(tmp_path, c
     assert lines[0].startswith("[sft 0/4] ") and "eval_loss=" in lines[0]
     assert lines[1].startswith("[sft 2/4, ETA ") and "loss=" in lines[1]
     assert lines[-1].startswith("[sft 4/4] ")
+
+
+def test_generation_progress_lines_name_token_rows_and_eta(tmp_path):
+    import io
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_engine.models import load_hf_model
+    from rlhf_engine.rollout.sampling import GenerationProgress, generate
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    model = load_hf_model(tmp_path).eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    quiet = generate(model, prompts, max_new_tokens=6, stop_ids=[], pad_id=0, temperature=0.0)
+    stream = io.StringIO()
+    with GenerationProgress("test: 2 prompts", every_s=0.0, stream=stream):
+        gen = generate(model, prompts, max_new_tokens=6, stop_ids=[], pad_id=0, temperature=0.0)
+    lines = stream.getvalue().splitlines()
+    assert gen.responses == quiet.responses  # reporting changes nothing
+    # one line per decode step before the last, then the summary of the call (no stop id: every row runs 6)
+    assert [line.split(",")[0] for line in lines[:-1]] == [f"[generate test: 2 prompts: token {t}/6" for t in range(1, 6)]
+    assert all(", 0/2 rows finished, ETA <= " in line for line in lines[:-1])
+    assert lines[-1].startswith("[generate test: 2 prompts: 2 rows, 12 tokens in ")
+    stream = io.StringIO()
+    generate(model, prompts, max_new_tokens=6, stop_ids=[], pad_id=0, temperature=0.0)  # outside: silent
+    assert stream.getvalue() == ""
+
+
+def test_sft_start_splits_the_pretrained_models_loss_on_demonstrations(tmp_path):
+    """The measured explanation of SFT's high first loss: the parts add up to an independent masked
+    cross entropy over the assistant tokens, and the template's two boundary tokens are told apart."""
+    from rlhf_engine.data.chat import parse_conversation, tokenize_conversation
+    from rlhf_engine.models import load_hf_model, load_tokenizer
+    from rlhf_engine.stages.pipeline import explain_sft_start, sft_start
+
+    assert main(["sft", "--config", "configs/sft_tiny.yaml", "model.architecture.num_layers=1", "trainer.max_steps=1",
+                 "trainer.eval_every=0", "logging.tensorboard=false", f"trainer.out_dir={tmp_path}"]) == 0
+    base = str(tmp_path / "hf")
+    rows = [{"messages": [{"role": "user", "content": f"Describe the {o}."},
+                          {"role": "assistant", "content": f"The {o} is bright."}]} for o in ("lemon", "river", "stone")]
+    m = sft_start(base, rows)
+    model, tok = load_hf_model(base).eval(), load_tokenizer(base)
+    total, n, starts = 0.0, 0, 0
+    for row in rows:
+        ids, mask = tokenize_conversation(tok, parse_conversation(row))
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model.logits(model(x))[0, :-1].float()
+        target = torch.where(torch.tensor(mask[1:]), x[0, 1:], -100)
+        total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+        n += sum(mask[1:])
+        starts += sum(1 for t in range(1, len(ids)) if mask[t] and not mask[t - 1])
+    assert m["loss"] == pytest.approx(total / n, rel=1e-5)
+    assert m["turn_start_share"] + m["after_turn_end_share"] + m["content_share"] == pytest.approx(1.0)
+    assert starts == len(rows)
+    text = explain_sft_start(m, 1.5, [(0, m["loss"]), (20, 1.2)])
+    assert f"loss {m['loss']:.2f} on assistant tokens" in text and "by step 20" in text

@@ -25,15 +25,29 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], T]) -> Iterator[T
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig", newline="\n") as f:  # a leading byte-order mark is dropped
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DataError(f"{path}:{lineno}: {json_error(line, exc)}") from None
             yield _parse(parse, row, f"{path}:{lineno}")
+
+
+def json_error(line: str, exc: json.JSONDecodeError) -> str:
+    """Where and why ``line`` is not JSON, in one line: the 1-based character column of the offending
+    character, and the text around it with that character marked. A comma before a closing bracket
+    is reported at the comma (Python's decoder points at the bracket after it)."""
+    pos, msg = exc.pos, exc.msg
+    before = line[:pos].rstrip()
+    if pos < len(line) and line[pos] in "}]" and before.endswith(","):
+        pos, msg = len(before) - 1, f"trailing comma before '{line[exc.pos]}'"
+    text = line.rstrip("\r\n")
+    lo, hi = max(0, pos - 30), min(len(text), pos + 30)
+    excerpt = f"{'...' if lo else ''}{text[lo:pos]}>>{text[pos:pos + 1]}<<{text[pos + 1:hi]}{'...' if hi < len(text) else ''}"
+    return f"not valid JSON at column {pos + 1}: {msg}: {excerpt}"
 
 
 def read_parquet(path: str | os.PathLike, parse: Callable[[Any], T]) -> Iterator[T]:

@@ -13,14 +13,21 @@ each row decodes exactly as it would alone. A row finishes at its first stop tok
 batch stops when every row has, or after ``max_new_tokens``. Finished rows are fed padding (document -1)
 that no real token can see.
 
+Progress: generations made inside ``with GenerationProgress("rankings: 4 samples per prompt"):`` report
+to it after every decode step (a tqdm bar on a terminal, else a line every few seconds with the token,
+the finished rows and an upper-bound ETA); outside one, ``generate`` reports nothing.
+
 Under tensor parallelism each rank computes logits for its vocabulary shard and one all-gather of the
 (B, V) rows assembles them; every rank then samples the same token from the same seeded generator.
 """
 
 from __future__ import annotations
 
+import sys
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TextIO
 
 import torch
 import torch.distributed as dist
@@ -70,6 +77,60 @@ def full_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, logits.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
+
+
+class GenerationProgress:
+    """Progress of the generations inside ``with GenerationProgress(desc):`` (see the module docstring).
+    Without a terminal it prints ``[generate <desc>: token t/T, r/B rows finished, ETA <= 0m05s]`` at most
+    every ``every_s`` seconds and ``[generate <desc>: B rows, n tokens in 1.2 s]`` when a call ends. The
+    ETA is an upper bound: it assumes every remaining step runs, though the batch stops when all rows do."""
+
+    def __init__(self, desc: str, *, every_s: float = 5.0, stream: TextIO | None = None) -> None:
+        self.desc, self.every_s, self.stream = desc, every_s, stream or sys.stderr
+        self.bar = None
+        self._token = None
+
+    def __enter__(self) -> "GenerationProgress":
+        self._token = _PROGRESS.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _PROGRESS.reset(self._token)
+        self._close_bar()
+
+    def start(self, max_new_tokens: int) -> None:
+        self.started = self.last = time.perf_counter()
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self._close_bar()
+            self.bar = tqdm(total=max_new_tokens, desc=f"generate {self.desc}", unit="tok", file=self.stream)
+
+    def update(self, step: int, max_new_tokens: int, finished: int, rows: int) -> None:
+        """Called by ``generate`` after decode step ``step`` (1-based)."""
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(finished=f"{finished}/{rows}")
+        elif now - self.last >= self.every_s and step < max_new_tokens and finished < rows:
+            eta = (now - self.started) / step * (max_new_tokens - step)
+            print(f"[generate {self.desc}: token {step}/{max_new_tokens}, {finished}/{rows} rows finished, "
+                  f"ETA <= {int(eta // 60)}m{int(eta % 60):02d}s]", file=self.stream, flush=True)
+            self.last = now
+
+    def end(self, rows: int, tokens: int) -> None:
+        if self.bar is None:
+            print(f"[generate {self.desc}: {rows} rows, {tokens} tokens in {time.perf_counter() - self.started:.1f} s]",
+                  file=self.stream, flush=True)
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+_PROGRESS: ContextVar[GenerationProgress | None] = ContextVar("generation_progress", default=None)
 
 
 @dataclass
@@ -144,6 +205,9 @@ def generate(
     reasons = ["length"] * B
     tokens_out, logps_out, docs_out = [], [], []
     responses: list[list[int]] = [[] for _ in range(B)]
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress.start(max_new_tokens)
     for i in range(max_new_tokens):
         logits = full_logits(hidden, weight)  # (B, V) fp32
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -166,6 +230,8 @@ def generate(
         finished = bool(done.all())
         if all_done is not None:
             finished = all_done(finished)
+        if progress is not None:
+            progress.update(i + 1, max_new_tokens, int(done.sum()), B)
         if finished or i == max_new_tokens - 1:  # the last tokens' outputs are never needed
             break
         hidden = run(token[:, None], next_pos[:, None], docs_out[-1][:, None])[:, -1]
@@ -176,6 +242,8 @@ def generate(
     sequences = torch.cat([ids, torch.stack(tokens_out, dim=1)], dim=1)
     document_ids = torch.cat([docs, torch.stack(docs_out, dim=1)], dim=1)
     logps = torch.stack(logps_out, dim=1).tolist()
+    if progress is not None:
+        progress.end(B, sum(len(r) for r in responses))
     return Generation(
         sequences=sequences,
         document_ids=document_ids,

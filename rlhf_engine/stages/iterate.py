@@ -36,7 +36,7 @@ from ..labelers import build_labeler
 from ..models import load_tokenizer
 from ..models.score import load_score_model
 from ..parallel.runtime import init_runtime
-from ..rollout.sampling import sample_from_policy
+from ..rollout.sampling import GenerationProgress, sample_from_policy
 from .common import derive, write_summary
 from .reward import run_reward_model
 from .rl import run_rl
@@ -82,7 +82,8 @@ def run_iterated(cfg: RunConfig) -> dict[str, Any]:
         if not ranked.exists():
             start_i = (r * it.prompts_per_round) % max(len(train_rows) - it.prompts_per_round, 1)
             rows = train_rows[start_i : start_i + it.prompts_per_round]
-            responses = sample_from_policy(policy, rows, cfg, it.responses_per_prompt, cfg.trainer.seed * 31 + r)
+            with GenerationProgress(f"round {r}: {it.responses_per_prompt} samples for each of {len(rows)} prompts"):
+                responses = sample_from_policy(policy, rows, cfg, it.responses_per_prompt, cfg.trainer.seed * 31 + r)
             ranks = build_labeler(cfg, rd, r).rank_all(rows, responses)
             tmp = ranked.with_suffix(".tmp")
             with tmp.open("w") as f:

@@ -22,6 +22,7 @@ Stages, each in its own directory under ``trainer.out_dir`` (metrics are also me
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -32,7 +33,7 @@ import torch
 
 from ..algorithms.rl import resolve
 from ..config import RunConfig, load_config
-from ..data.chat import pad_id
+from ..data.chat import pad_id, parse_conversation, tokenize_conversation
 from ..data.preference import scores_to_ranking
 from ..data.prompts import parse_prompt_row, prompt_item
 from ..data.task import build_task, gold_score, label, pair_agreement
@@ -41,7 +42,7 @@ from ..parallel.runtime import init_runtime
 from ..report import write_report
 from ..rollout.assembly import build_roles
 from ..rollout.experience import ExperienceMaker
-from ..rollout.sampling import sample_from_policy
+from ..rollout.sampling import GenerationProgress, sample_from_policy
 from .common import derive, write_summary
 from .dpo import run_dpo
 from .reward import run_reward_model
@@ -69,7 +70,8 @@ def make_rankings(cfg: RunConfig, sft_path: str, prompts: list[dict], out: Path)
     (for agreement). Returns inter-labeler and labeler-gold pairwise agreement."""
     p = cfg.pipeline
     rows = [parse_prompt_row(r) for r in prompts]
-    responses = sample_from_policy(sft_path, rows, cfg, p.responses_per_prompt, cfg.trainer.seed * 7 + 1)
+    with GenerationProgress(f"rankings: {p.responses_per_prompt} samples for each of {len(rows)} prompts"):
+        responses = sample_from_policy(sft_path, rows, cfg, p.responses_per_prompt, cfg.trainer.seed * 7 + 1)
     rng_a, rng_b = random.Random(cfg.trainer.seed * 101 + 1), random.Random(cfg.trainer.seed * 101 + 2)
     ranked, inter, gold_agree = [], [0, 0], [0, 0]
     for row, prompt, ys in zip(rows, prompts, responses):
@@ -103,12 +105,70 @@ def evaluate_policy(cfg: RunConfig, sft_path: str, rm_path: str, policy_path: st
     model = model.to(device)
     maker = ExperienceMaker(model, tok, reward, settings, cfg.rollout, pad_id=pad_id(tok), reward_head_bias=bias)
     items = [prompt_item(tok, parse_prompt_row(r), cfg.data.seq_len - cfg.rollout.max_new_tokens) for r in prompts]
-    r = maker(items, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 999), group=cfg.pipeline.eval_samples)
+    with GenerationProgress(f"evaluation: {'final' if policy_path else 'SFT'} policy, {cfg.pipeline.eval_samples} "
+                            f"samples for each of {len(items)} prompts"):
+        r = maker(items, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 999),
+                  group=cfg.pipeline.eval_samples)
     return {"gold": float(r.parts[GOLD].mean()), "proxy": float(r.parts["preference"].mean()),
             "kl": float(r.seq_kl().mean()), "length": float(r.response_lengths().float().mean()),
             "samples": [{"prompt": p, "response": y, "gold": float(g), "proxy": round(float(s), 3)}
                         for p, y, g, s in zip(r.prompts, r.responses, r.parts[GOLD], r.parts["preference"])]
             [:: cfg.pipeline.eval_samples]}  # the first sample of each prompt
+
+
+@torch.no_grad()
+def sft_start(base_path: str, demonstrations: list[dict], limit: int = 200) -> dict[str, float]:
+    """Why SFT starts at a high eval loss after pretraining, measured: the pretrained model's loss on the
+    demonstrations' assistant tokens, split into the first token of each turn (it follows the chat
+    template's opening, which the plain-text corpus never contains), the tokens after the end-of-turn
+    token (in pretraining a new document followed it) and the rest; and its loss on the same responses
+    as plain text (no template), which separates the template from the responses' own sentences."""
+    model, tok = load_hf_model(base_path).eval(), load_tokenizer(base_path)
+    sums = {k: [0.0, 0] for k in ("turn_start", "after_turn_end", "content", "plain_text")}
+
+    def nll(ids: list[int]) -> torch.Tensor:  # (len(ids) - 1,) -log p(token | prefix)
+        x = torch.tensor([ids])
+        logp = torch.log_softmax(model.logits(model(x))[0, :-1].float(), dim=-1)  # (T - 1, V)
+        return -logp.gather(1, x[0, 1:, None])[:, 0]
+
+    for row in demonstrations[:limit]:
+        conv = parse_conversation(row)
+        ids, mask = tokenize_conversation(tok, conv)
+        for t, loss in enumerate(nll(ids).tolist(), 1):  # token t, predicted from tokens < t
+            if mask[t]:
+                kind = ("turn_start" if not mask[t - 1] else
+                        "after_turn_end" if ids[t - 1] == tok.eos_token_id else "content")
+                sums[kind][0] += loss
+                sums[kind][1] += 1
+        for msg in conv:
+            if msg.role == "assistant":
+                plain = list(tok(msg.content)["input_ids"]) + [tok.eos_token_id]
+                sums["plain_text"][0] += float(nll(plain).sum())
+                sums["plain_text"][1] += len(plain) - 1
+    chat = sum(v[0] for k, v in sums.items() if k != "plain_text")
+    tokens = sum(v[1] for k, v in sums.items() if k != "plain_text")
+    out = {"loss": chat / max(tokens, 1), "uniform_loss": math.log(len(tok))}
+    for k, (total, n) in sums.items():
+        out[f"{k}_loss"] = total / max(n, 1)
+        if k != "plain_text":
+            out[f"{k}_share"] = total / max(chat, 1e-12)
+    return out
+
+
+def explain_sft_start(m: dict[str, float], pretrain_loss: float | None, sft_eval: list[tuple[int, float]]) -> str:
+    """One paragraph for the report, from ``sft_start``'s measurements, pretraining's last held-out loss
+    and SFT's held-out losses ``[(step, eval_loss), ...]``."""
+    ended = f" (pretraining's held-out loss ended at {pretrain_loss:.2f})" if pretrain_loss is not None else ""
+    later = next(((step, loss) for step, loss in sft_eval if step > 0), None)
+    learned = f" SFT's held-out loss is {later[1]:.2f} by step {later[0]}." if later else ""
+    template = m["turn_start_share"] + m["after_turn_end_share"]
+    return (f"SFT starts from the pretrained model at loss {m['loss']:.2f} on assistant tokens{ended}. "
+            f"Pretraining is not lost; the demonstrations are new to it. {template:.0%} of that loss sits on "
+            f"the two tokens per turn that the chat template adds and the plain-text corpus never contains: "
+            f"the first token after the assistant opening ({m['turn_start_loss']:.1f} nats) and the one after "
+            f"the end-of-turn token ({m['after_turn_end_loss']:.1f} nats). The rest ({m['content_loss']:.2f} "
+            f"nats per token, against {m['uniform_loss']:.2f} for a uniform guess) is the responses' sentence forms ('The X is A and B.'), which the corpus does "
+            f"not use; the same responses as plain text score {m['plain_text_loss']:.2f}.{learned}")
 
 
 STAGE_WORK = {
@@ -158,11 +218,22 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         base = str(out / "pretrain" / "hf")
     else:
         base = cfg.model.hf_path
+    start_of_sft = None
+    if cfg.model.hf_path is None:  # the handoff from pretraining to SFT, measured (the report explains it)
+        start_of_sft = sft_start(base, task.demonstrations)
+        print(f"pretrained model on the demonstrations: loss {start_of_sft['loss']:.2f}, of which "
+              f"{start_of_sft['turn_start_share'] + start_of_sft['after_turn_end_share']:.0%} on the chat "
+              f"template's turn boundaries (see report.md)", file=sys.stderr, flush=True)
     from_base = {"hf_path": base, "architecture": None, "tokenizer_path": None}
     timed("sft", run_sft, stage("sft", model=from_base, algorithm={"name": "sft"},
           data={"train_path": str(files["sft"]), "eval_path": None, "eval_fraction": 0.05},
           optim={"lr": p.sft_lr}, trainer={"out_dir": str(out / "sft"), "max_steps": p.sft_steps}))
     sft_path = str(out / "sft" / "hf")
+    if start_of_sft is not None:
+        ended = [r["eval_loss"] for r in _stage_records(out / "pretrain") if "eval_loss" in r]
+        start_of_sft["explanation"] = explain_sft_start(
+            start_of_sft, ended[-1] if ended else None,
+            [(r["step"], r["eval_loss"]) for r in _stage_records(out / "sft") if "eval_loss" in r])
     from_sft = {"hf_path": sft_path, "architecture": None, "tokenizer_path": None}
 
     # 3-4: rankings of SFT samples by simulated labelers, the ranking RM
@@ -199,7 +270,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         "gold_reward_sft": before["gold"], "gold_reward_rl": after["gold"],
         "proxy_reward_sft": before["proxy"], "proxy_reward_rl": after["proxy"],
         "kl_final": after["kl"], "response_length_sft": before["length"], "response_length_rl": after["length"],
-        "final_policy": policy_path, "stage_seconds": timings, "wall_s": round(time.perf_counter() - start, 1),
+        "final_policy": policy_path, "sft_start": start_of_sft, "stage_seconds": timings, "wall_s": round(time.perf_counter() - start, 1),
     }
     merge_metrics(out, [s for s in ("pretrain", "sft", "rm", "rl", "dpo") if (out / s / "metrics.jsonl").exists()])
     write_report(out, summary, before["samples"][:6], after["samples"][:6])
@@ -207,10 +278,13 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
+def _stage_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def merge_metrics(out: Path, stages: list[str]) -> None:
     """Every stage's records (each tagged with its stage) in one top-level ``metrics.jsonl``."""
-    lines = [json.dumps({"pipeline_stage": s, **json.loads(line)}) for s in stages
-             for line in (out / s / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = [json.dumps({"pipeline_stage": s, **r}) for s in stages for r in _stage_records(out / s)]
     tmp = out / ".metrics.jsonl.tmp"
     tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(out / "metrics.jsonl")
