@@ -70,14 +70,18 @@ class TransformerConfig:
     """Bias on the attention output projection."""
     mlp_bias: bool = False
     """Bias on the three feed-forward projections."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key (head_dim wide, shared by the heads) before the rotary
+    embedding (Qwen3)."""
     sliding_window: int | None = None
     """Keys further than this many tokens back are invisible in 'sliding_attention' layers."""
     layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
     """Per-layer attention kind; None means every layer slides when sliding_window is set, else full."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of linear and embedding weights."""
-    family: Literal["llama", "mistral", "qwen2"] = "llama"
-    """Hugging Face architecture this model exports as (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)."""
+    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
+    """Hugging Face architecture this model exports as (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+    Qwen3ForCausalLM)."""
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:

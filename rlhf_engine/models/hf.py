@@ -2,7 +2,7 @@
 
 A checkpoint directory holds ``config.json``, weights as ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``, and optionally tokenizer files with a chat template. Supported:
-LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM. A config field this engine does not implement
+LlamaForCausalLM (Llama 2 and 3.x), MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM. A config field this engine does not implement
 (another rope type, an activation other than SiLU, dropout...) fails loudly instead of loading a model
 that computes something else.
 """
@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -44,7 +45,7 @@ def _require(ok: bool, path: Path | str, message: str) -> None:
 
 
 def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "ForCausalLM") -> TransformerConfig:
-    """Map a transformers Llama/Mistral/Qwen2 config object to ``TransformerConfig``. ``head``: the
+    """Map a transformers Llama/Mistral/Qwen2/Qwen3 config object to ``TransformerConfig``. ``head``: the
     architecture suffix expected (``ForSequenceClassification`` for reward models)."""
     family = hf.model_type
     _require(family in ARCHITECTURES, source, f"model_type {family!r} is not supported; "
@@ -81,6 +82,7 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
     layer_types = getattr(hf, "layer_types", None)
     if family == "qwen2":
         qkv_bias, o_bias = True, False  # Qwen2 hard-codes biases on q/k/v only
+    if family in ("qwen2", "qwen3"):
         if not getattr(hf, "use_sliding_window", False):
             sliding_window, layer_types = None, None
     elif family == "llama":
@@ -103,6 +105,7 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qk_norm=family == "qwen3",
         sliding_window=sliding_window,
         layer_types=list(layer_types) if layer_types is not None else None,
         initializer_range=getattr(hf, "initializer_range", 0.02),
@@ -111,11 +114,12 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
 
 
 def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **token_ids: Any):
-    """A transformers config object for ``cfg`` (LlamaConfig, MistralConfig or Qwen2Config)."""
+    """A transformers config object for ``cfg`` (LlamaConfig, MistralConfig, Qwen2Config or Qwen3Config)."""
     from transformers import (  # lazy: transformers is slow to import
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
+        Qwen3Config,
     )
 
     rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
@@ -143,6 +147,14 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **t
         **token_ids,
     )
     where = f"exporting as {ARCHITECTURES[cfg.family]}"
+    _require(cfg.qk_norm == (cfg.family == "qwen3"), where, "query/key norms are Qwen3's (family='qwen3') and only its")
+    sliding = cfg.sliding_window is not None
+    windows = dict(use_sliding_window=sliding, sliding_window=cfg.sliding_window, max_window_layers=cfg.num_layers,
+                   layer_types=cfg.layer_types or [("sliding_attention" if sliding else "full_attention")] * cfg.num_layers)
+    if cfg.family == "qwen3":
+        _require(cfg.qkv_bias == cfg.o_bias and not cfg.mlp_bias, where,
+                 "Qwen3 has one attention_bias for q/k/v/o and no MLP bias")
+        return Qwen3Config(attention_bias=cfg.qkv_bias, **windows, **common)
     if cfg.family == "llama":
         _require(cfg.qkv_bias == cfg.o_bias, where, "Llama has one attention_bias for q/k/v/o; "
                  "set family='qwen2' for q/k/v-only biases")
@@ -156,14 +168,7 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **t
              "Qwen2 has biases on q/k/v and nowhere else")
     common.pop("head_dim")
     _require(cfg.head_dim == cfg.hidden_size // cfg.num_heads, where, "Qwen2 requires head_dim = hidden/heads")
-    sliding = cfg.sliding_window is not None
-    return Qwen2Config(
-        use_sliding_window=sliding,
-        sliding_window=cfg.sliding_window,
-        max_window_layers=cfg.num_layers,
-        layer_types=cfg.layer_types or [("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
-        **common,
-    )
+    return Qwen2Config(**windows, **common)
 
 
 def _hf_to_ours(name: str) -> str:

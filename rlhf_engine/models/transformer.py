@@ -1,8 +1,9 @@
 """Llama-family decoder: the math only (no parallelism, no precision policy, no backends).
 
-Covers Llama 2/3, Mistral and Qwen2 checkpoints: RMSNorm, rotary embeddings (rope_theta, linear and
-Llama-3 frequency scaling), SwiGLU, grouped- and multi-query attention, tied or untied embeddings,
-optional attention biases (Qwen2 puts them on q/k/v only), sliding-window attention per layer.
+Covers Llama 2/3.x, Mistral, Qwen2 and Qwen3 checkpoints: RMSNorm, rotary embeddings (rope_theta, linear
+and Llama-3 frequency scaling), SwiGLU, grouped- and multi-query attention, tied or untied embeddings,
+optional attention biases (Qwen2 puts them on q/k/v only), per-head query/key RMSNorm (Qwen3),
+sliding-window attention per layer.
 
 Inputs may be *packed*: several documents per row, marked by ``document_ids``; attention is causal
 within a document and positions restart at 0 for each one. A ``KVCache`` turns the same forward into
@@ -120,6 +121,9 @@ class Attention(nn.Module):
         self.k_proj = spec.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = spec.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = spec.linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3: one RMSNorm over head_dim, applied to every query (key) head before the rotary embedding
+        self.q_norm = spec.norm(cfg.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = spec.norm(cfg.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
         self.attention = spec.attention
 
     def forward(
@@ -132,8 +136,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, S, _ = x.shape
         # Head counts come from the weights, so a tensor-parallel shard (fewer heads) works unchanged.
-        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, h, S, d)
-        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, kvh, S, d)
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)  # (B, S, h, d)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim)  # (B, S, kvh, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, S, d), (B, kvh, S, d)
         v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, kvh, S, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:

@@ -101,7 +101,7 @@ class GenerationProgress:
     def start(self, max_new_tokens: int) -> None:
         self.started = self.last = time.perf_counter()
         if self.stream.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: only a terminal draws a bar
 
             self._close_bar()
             self.bar = tqdm(total=max_new_tokens, desc=f"generate {self.desc}", unit="tok", file=self.stream)

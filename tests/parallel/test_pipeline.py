@@ -211,7 +211,8 @@ LAYOUTS = {  # name: (nproc, TP, PP, DP, stages per rank, schedule, micro-batche
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if LAYOUTS[name][0] == 8 else name
+                                    for name in LAYOUTS])  # 8 ranks on 2 cores: the full suite only
 def test_every_stage_under_pipeline_parallelism_matches_one_process(layout):
     nproc, tp, pp, dp, chunks, schedule, micro, kinds = LAYOUTS[layout]
     torchrun(_layout_body, nproc=nproc, timeout=600, env={
