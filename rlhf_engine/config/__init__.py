@@ -26,7 +26,7 @@ from .algorithm import (
     RLConfig,
     RuleModelConfig,
 )
-from .model import ModelConfig, RopeScaling, TransformerConfig
+from .model import LoRAConfig, ModelConfig, RopeScaling, TransformerConfig
 from .run import (
     ConfigError,
     RunConfig,
@@ -52,7 +52,7 @@ from .training import (
 
 __all__ = [
     "AlgorithmConfig", "ConfigError", "DPOConfig", "DataConfig", "FP8Config", "IterateConfig", "LoggingConfig",
-    "ModelConfig", "OptimConfig", "ParallelConfig", "PipelineConfig", "PrecisionConfig", "PreferenceModelConfig",
+    "LoRAConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PipelineConfig", "PrecisionConfig", "PreferenceModelConfig",
     "RLConfig", "RankingRMConfig", "RewardConfig", "RolloutConfig", "RopeScaling", "RuleModelConfig", "RunConfig",
     "TE_RECIPES", "TORCHAO_RECIPES", "TrainerConfig", "TransformerConfig", "apply_overrides", "load_config",
     "parse_override", "to_dict", "to_yaml", "validate",

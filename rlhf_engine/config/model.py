@@ -6,6 +6,7 @@ code. ``section`` is the decorator every config section uses: keyword-only field
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import ConfigDict
@@ -116,6 +117,37 @@ class TransformerConfig:
 
 
 @section
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) instead of full fine-tuning: y = x W^T + (alpha / rank) x A^T B^T
+    with W frozen, A (rank, in) Kaiming-uniform and B (out, rank) zero at the start (PEFT's defaults)."""
+
+    rank: int = 0
+    """Adapter rank r; 0 trains the full weights (no adapters)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Linear layers that get adapters: a module's last name component (``q_proj``), or a regular
+    expression over its whole name (``layers\\.[0-9]+\\.mlp\\..*``). The LM head and score heads never do."""
+    trainable: list[str] = dataclasses.field(default_factory=lambda: ["score"])
+    """Modules that train in full beside the adapters (PEFT's modules_to_save): by default a reward
+    model's or critic's score head."""
+    export_peft: bool = False
+    """Besides the merged Hugging Face export (``hf/``), write the adapters in PEFT's format (``peft/``:
+    adapter_config.json + adapter_model.safetensors) over the run's base checkpoint (model.hf_path)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError("rank must be >= 0 (0: no adapters)")
+        if self.rank and not self.target_modules:
+            raise ValueError("target_modules is empty: no layer would get an adapter")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+
+
+@section
 class ModelConfig:
     """Which model to train: a local Hugging Face checkpoint, or an architecture built from scratch."""
 
@@ -129,6 +161,9 @@ class ModelConfig:
     """RL roles share a frozen trunk of the embedding and this many lower layers (Sparrow: 64 of 80);
     each role owns the layers above. 0: four separate models. ``auto`` (rm, rl): the cut that
     ``rlhf-engine probe`` recommends (rm probes its own preference rows; rl takes the reward model's cut)."""
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    """Train low-rank adapters instead of full weights (sft, rm, dpo, rl: the policy and critic heads; the
+    reference is then the policy with its adapters off)."""
 
     def __post_init__(self) -> None:
         if (self.hf_path is None) == (self.architecture is None):

@@ -8,6 +8,10 @@ once; each role owns layers [k, L), a final norm and its output:
     critic     trainable   scalar head          per-token values; initialised from the reward head
     reward     frozen      scalar head          the score read at the last response token
 
+With LoRA (``model.lora.rank > 0``, ``models/lora.py``) the policy and critic heads keep their weights
+frozen and train low-rank adapters; the reference is the policy head with its adapters off, so no
+reference head is built or stored.
+
 ``k = 0`` gives four separate models (each head embeds for itself): the baseline that benchmarks compare
 against. One call runs the trunk once and any subset of heads on its boundary states:
 
@@ -24,6 +28,7 @@ policy during generation, and the tensor-parallel plan applies to trunk and head
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -37,7 +42,9 @@ from safetensors.torch import load_file, save_file
 from rlhf_kernels import linear_logprob
 from torch import nn
 
+from ..config.model import LoRAConfig
 from .hf import atomic_directory
+from .lora import adapters_disabled, apply_lora, fresh_adapter, freeze_base, is_adapter, merge_lora_state
 from .transformer import KVCache, LayerSpec, Transformer, TransformerConfig, local_vocab_shard
 
 
@@ -114,9 +121,13 @@ class RoleModel(nn.Module):
     """The frozen trunk and the four role heads, run together (see the module docstring)."""
 
     def __init__(self, cfg: TransformerConfig, trunk_layers: int, spec: LayerSpec = LayerSpec(),
-                 roles: Iterable[Role] = tuple(Role)) -> None:
-        """``roles``: the heads to build (DPO needs only policy and reference; PPO all four)."""
+                 roles: Iterable[Role] = tuple(Role), lora: LoRAConfig | None = None) -> None:
+        """``roles``: the heads to build (DPO needs only policy and reference; PPO all four). ``lora``
+        with rank > 0: adapters on the policy and critic heads, and the reference is the policy head
+        with its adapters off (no head of its own). Adapters are created uninitialised on the meta
+        device; ``from_sft`` initialises them."""
         super().__init__()
+        self.lora = lora if lora is not None and lora.rank > 0 else None
         if not 0 <= trunk_layers < cfg.num_layers:
             raise ValueError(f"trunk_layers={trunk_layers} must be in [0, num_layers={cfg.num_layers})")
         self.config = cfg
@@ -127,7 +138,14 @@ class RoleModel(nn.Module):
             self.trunk = Transformer(cfg, spec, layers=range(trunk_layers), final_norm=False, lm_head=False)
         self.heads = nn.ModuleDict({
             role.value: RoleHead(cfg, trunk_layers, "lm" if role in LM_ROLES else "scalar", spec) for role in self.roles
+            if not (role is Role.REFERENCE and self.lora is not None)
         })
+        if self.lora is not None:
+            if Role.REFERENCE in self.roles and Role.POLICY not in self.roles:
+                raise ValueError("with LoRA the reference is the policy head with its adapters off: build the policy too")
+            for role in (Role.POLICY, Role.CRITIC):
+                if role in self.roles:
+                    apply_lora(self.head(role), self.lora)
         self.freeze()
 
     # ------------------------------------------------------------------------------------ building
@@ -141,13 +159,16 @@ class RoleModel(nn.Module):
         reward: "Transformer | nn.Module | None" = None,
         reward_score: torch.Tensor | None = None,
         roles: Iterable[Role] = tuple(Role),
+        lora: LoRAConfig | None = None,
+        seed: int = 0,
     ) -> "RoleModel":
         """Roles initialised from an SFT model: trunk and policy/reference heads copy it; the reward head
         copies ``reward`` (a decoder of the same shape, or a ``ScoreModel`` whose score it takes) and
         ``reward_score`` (1, D), else the SFT layers and a zero score; the critic starts as a copy of the
-        reward head (InstructGPT initialises the value function from the RM)."""
+        reward head (InstructGPT initialises the value function from the RM). Adapters (``lora``) start
+        from ``seed``: A Kaiming-uniform, B zero."""
         with torch.device("meta"):
-            model = cls(sft.config, trunk_layers, roles=roles)
+            model = cls(sft.config, trunk_layers, roles=roles, lora=lora)
         state = {}
         sft_state = sft.state_dict()
         if trunk_layers > 0:
@@ -158,11 +179,17 @@ class RoleModel(nn.Module):
                 reward_score = rm_state["score.weight"][:1]
         else:
             rm_state = (reward if reward is not None else sft).state_dict()
+        generator = torch.Generator().manual_seed(seed)
         for role in model.roles:
+            if role.value not in model.heads:  # the reference with LoRA: the policy head itself
+                continue
             src = sft_state if role in LM_ROLES else rm_state
-            for name in model.heads[role.value].state_dict():
+            head = model.heads[role.value]
+            for name, value in head.state_dict().items():
                 key = f"heads.{role.value}.{name}"
-                if name == "lm_head.weight":
+                if is_adapter(name):
+                    state[key] = fresh_adapter(name, value.shape, generator)
+                elif name == "lm_head.weight":
                     state[key] = sft.output_weight.detach()
                 elif name == "score.weight":
                     state[key] = reward_score if reward_score is not None else torch.zeros(1, sft.config.hidden_size)
@@ -173,13 +200,19 @@ class RoleModel(nn.Module):
         return model
 
     def freeze(self) -> None:
-        """Trunk, reference and reward never train: no gradients, so no optimizer state either."""
+        """Trunk, reference and reward never train: no gradients, so no optimizer state either. With
+        LoRA, the policy and critic heads train only their adapters (and ``lora.trainable``, the score)."""
         if self.trunk is not None:
             self.trunk.requires_grad_(False)
-        for role in self.roles:
-            self.heads[role.value].requires_grad_(TRAINABLE[role])
+        for name, head in self.heads.items():
+            head.requires_grad_(TRAINABLE[Role(name)])
+            if self.lora is not None and TRAINABLE[Role(name)]:
+                freeze_base(head, self.lora)
 
     def head(self, role: Role) -> RoleHead:
+        """The head a role runs: with LoRA, the reference runs the policy head (adapters off)."""
+        if role is Role.REFERENCE and self.lora is not None:
+            role = Role.POLICY
         return self.heads[role.value]
 
     def trainable_parameters(self, roles: Iterable[Role] = (Role.POLICY, Role.CRITIC)) -> list[nn.Parameter]:
@@ -282,10 +315,11 @@ class RoleModel(nn.Module):
             raise ValueError(f"roles {sorted(r.value for r in roles - set(self.roles))} were not built")
         return tuple(r for r in Role if r in roles)
 
-    @staticmethod
-    def _in_mode(role: Role, fn, *args):
-        """``fn(*args)`` with a graph only for a trainable role."""
-        with torch.enable_grad() if TRAINABLE[role] else torch.no_grad():
+    def _in_mode(self, role: Role, fn, *args):
+        """``fn(*args)`` with a graph only for a trainable role; the LoRA reference with adapters off."""
+        shared = role is Role.REFERENCE and self.lora is not None
+        with torch.enable_grad() if TRAINABLE[role] else torch.no_grad(), \
+                adapters_disabled(self.head(role)) if shared else contextlib.nullcontext():
             return fn(*args)
 
     def _logprobs(self, hidden, targets, temperature) -> dict[str, torch.Tensor | None]:
@@ -329,6 +363,8 @@ class RoleModel(nn.Module):
         if self.trunk is not None:
             state.update({k: v for k, v in self.trunk.state_dict().items()})
         state.update(self.head(Role.POLICY).state_dict())
+        if self.lora is not None:  # adapters merged: W + (alpha / r) B A
+            state = merge_lora_state(state, self.lora.alpha / self.lora.rank)
         full.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
         return full
 
@@ -352,13 +388,14 @@ def save_roles(model: RoleModel, path: str | os.PathLike) -> Path:
     temporary directory renamed into place (an existing ``path`` is replaced only when complete)."""
     with atomic_directory(Path(path)) as tmp:
         meta = {"trunk_layers": model.trunk_layers, "roles": [r.value for r in model.roles],
-                "config": TypeAdapter(TransformerConfig).dump_python(model.config, mode="json")}
+                "config": TypeAdapter(TransformerConfig).dump_python(model.config, mode="json"),
+                "lora": TypeAdapter(LoRAConfig).dump_python(model.lora, mode="json") if model.lora else None}
         (tmp / ROLES_META).write_text(json.dumps(meta, indent=2))
         if model.trunk is not None:
             save_file(_plain_state(model.trunk), str(tmp / "trunk.safetensors"))
         (tmp / "heads").mkdir()
-        for role in model.roles:
-            save_file(_plain_state(model.head(role)), str(tmp / "heads" / f"{role.value}.safetensors"))
+        for role in model.heads:
+            save_file(_plain_state(model.heads[role]), str(tmp / "heads" / f"{role}.safetensors"))
     return Path(path)
 
 
@@ -366,14 +403,16 @@ def load_roles(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     path = Path(path)
     meta = json.loads((path / ROLES_META).read_text())
     cfg = TypeAdapter(TransformerConfig).validate_python(meta["config"])
+    lora = TypeAdapter(LoRAConfig).validate_python(meta["lora"]) if meta.get("lora") else None
     with torch.device("meta"):
-        model = RoleModel(cfg, meta["trunk_layers"], roles=[Role(r) for r in meta.get("roles", [r.value for r in Role])])
+        model = RoleModel(cfg, meta["trunk_layers"], roles=[Role(r) for r in meta.get("roles", [r.value for r in Role])],
+                          lora=lora)
     state = {}
     if model.trunk is not None:
         state.update({f"trunk.{k}": v for k, v in load_file(str(path / "trunk.safetensors"), device=str(device)).items()})
-    for role in model.roles:
-        head = load_file(str(path / "heads" / f"{role.value}.safetensors"), device=str(device))
-        state.update({f"heads.{role.value}.{k}": v for k, v in head.items()})
+    for role in model.heads:
+        head = load_file(str(path / "heads" / f"{role}.safetensors"), device=str(device))
+        state.update({f"heads.{role}.{k}": v for k, v in head.items()})
     model.load_state_dict(state, strict=True, assign=True)
     model.freeze()
     return model

@@ -27,7 +27,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..config.model import LoRAConfig
 from .hf import _weight_files, _write_shards, atomic_directory, config_from_hf, config_to_hf
+from .lora import apply_lora, fresh_adapter, is_adapter, merge_lora_state
 from .roles import RoleHead
 from .transformer import LayerSpec, Transformer, TransformerConfig
 
@@ -37,8 +39,10 @@ class ScoreModel(nn.Module):
     """Frozen trunk (k > 0) and a trainable head with a linear score (see the module docstring)."""
 
     def __init__(self, cfg: TransformerConfig, trunk_layers: int, num_outputs: int = 1,
-                 spec: LayerSpec = LayerSpec()) -> None:
+                 spec: LayerSpec = LayerSpec(), lora: LoRAConfig | None = None) -> None:
+        """``lora`` with rank > 0: the head's layers train low-rank adapters, its score in full."""
         super().__init__()
+        self.lora = lora if lora is not None and lora.rank > 0 else None
         if not 0 <= trunk_layers < cfg.num_layers:
             raise ValueError(f"trunk_layers={trunk_layers} must be in [0, num_layers={cfg.num_layers})")
         self.config, self.trunk_layers, self.num_outputs = cfg, trunk_layers, num_outputs
@@ -47,19 +51,23 @@ class ScoreModel(nn.Module):
             self.trunk = Transformer(cfg, spec, layers=range(trunk_layers), final_norm=False, lm_head=False)
             self.trunk.requires_grad_(False)
         self.head = RoleHead(cfg, trunk_layers, "scalar", spec, num_outputs=num_outputs)
+        if self.lora is not None:
+            apply_lora(self.head, self.lora)
         self.register_buffer("bias", torch.zeros(num_outputs), persistent=True)
 
     @classmethod
     def from_lm(cls, lm: Transformer, trunk_layers: int, num_outputs: int = 1,
-                generator: torch.Generator | None = None) -> "ScoreModel":
+                generator: torch.Generator | None = None, lora: LoRAConfig | None = None) -> "ScoreModel":
         """Trunk and head layers copied from a language model (the SFT model); the score is drawn from
         N(0, 1/(D+1)) as in InstructGPT-style RMs started from an LM (small, so initial scores are near 0)."""
         with torch.device("meta"):
-            model = cls(lm.config, trunk_layers, num_outputs)
+            model = cls(lm.config, trunk_layers, num_outputs, lora=lora)
         src = lm.state_dict()
         state = {}
-        for name in model.state_dict():
-            if name == "bias":
+        for name, value in model.state_dict().items():
+            if is_adapter(name):
+                state[name] = fresh_adapter(name, value.shape, generator)
+            elif name == "bias":
                 state[name] = torch.zeros(num_outputs)
             elif name == "head.score.weight":
                 D = lm.config.hidden_size
@@ -115,10 +123,10 @@ class ScoreModel(nn.Module):
         return self.head.score(self.head.norm(x)).float() + self.bias  # (B, S, num_outputs)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trunk and head as one decoder's state (our names) plus ``score.weight``."""
+        """Trunk and head as one decoder's state (our names) plus ``score.weight``; adapters merged."""
         state = {} if self.trunk is None else dict(self.trunk.state_dict())
         state.update({k: v for k, v in self.head.state_dict().items()})
-        return state
+        return merge_lora_state(state, self.lora.alpha / self.lora.rank) if self.lora is not None else state
 
 
 def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: Any = None,

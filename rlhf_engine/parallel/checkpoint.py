@@ -35,8 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..config.model import LoRAConfig
 from ..faults import CheckpointError
 from ..models import Transformer, save_hf_model
+from ..models.lora import is_adapter, lora_modules, merge_lora_state, save_peft_adapters
 from .pipeline import PipelinedModel
 
 LATEST = "latest"
@@ -80,7 +82,7 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    state: dict[str, Any] = {"model": _saved_model_state(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     _check_space(directory, _local_bytes(state))
@@ -112,6 +114,25 @@ def save_checkpoint(
         _fsync_file(directory)
     _barrier()
     return final
+
+
+def _saved_model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint keeps of the model: everything, or with LoRA adapters only the parameters that
+    train (the adapters and e.g. a score head): the frozen base is rebuilt from model.hf_path on resume."""
+    state = get_model_state_dict(model)
+    if next(lora_modules(model), None) is None:
+        return state
+    trainable = {_clean(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable or is_adapter(k)}
+
+
+def _state_size(model: torch.nn.Module) -> int:
+    return len(get_model_state_dict(model))
+
+
+def _clean(name: str) -> str:
+    """A parameter name without the wrappers' infixes (activation checkpointing, FSDP1), as DCP writes it."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
 
 
 def _local_bytes(state: Any) -> int:
@@ -201,12 +222,12 @@ def load_checkpoint(
         progress = json.loads((path / PROGRESS).read_text())
     except ValueError:
         raise ValueError(f"{path / PROGRESS} is damaged (not JSON)") from None
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    state: dict[str, Any] = {"model": _saved_model_state(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=len(state["model"]) == _state_size(model)))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rng_file = path / f"rng_rank{_rank():05d}.pt"
@@ -252,11 +273,18 @@ def gather_model(model: torch.nn.Module, empty: "Callable[[], torch.nn.Module]")
     return plain
 
 
-def export_hf(model: torch.nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> Path | None:
-    """Collective: gather a sharded ``Transformer`` and write it from rank 0 as a Hugging Face checkpoint."""
+def export_hf(model: torch.nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
+              lora: LoRAConfig | None = None, base: str | None = None) -> Path | None:
+    """Collective: gather a sharded ``Transformer`` and write it from rank 0 as a Hugging Face checkpoint,
+    LoRA adapters merged; with ``lora.export_peft`` the adapters also go to ``<path>/../peft`` in PEFT's
+    format, over the base checkpoint ``base``."""
     state = full_state_dict(model)
     out = None
     if _rank() == 0:
+        if lora is not None and lora.rank:
+            if lora.export_peft:
+                save_peft_adapters(state, lora, Path(path).parent / "peft", base_model=base)
+            state = merge_lora_state(state, lora.alpha / lora.rank)
         with torch.device("meta"):
             plain = Transformer(model.config)
         plain.load_state_dict(state, assign=True)

@@ -63,8 +63,12 @@ def build_roles(cfg: RunConfig, sft, settings: RLSettings, device) -> tuple[Role
         k = rm.trunk_layers
     shared = rm is not None and shares_trunk(rm, sft, k)
     roles = [Role.POLICY, Role.REFERENCE] + ([Role.CRITIC] if settings.critic else []) + ([Role.REWARD] if shared else [])
-    model = RoleModel.from_sft(sft, k, reward=rm, roles=roles)
+    model = RoleModel.from_sft(sft, k, reward=rm, roles=roles, lora=cfg.model.lora, seed=cfg.trainer.seed)
     if cfg.algorithm.rl.init_policy_path is not None:
+        if model.lora is not None:
+            raise ValueError("algorithm.rl.init_policy_path with model.lora: the LoRA reference is the policy's "
+                             "base weights, which a continued policy would replace; give the earlier policy as "
+                             "model.hf_path, or train without LoRA")
         continue_policy(model, sft, cfg.algorithm.rl.init_policy_path)
     rules = load_score_model(r.rules_path).to(device) if r.rules_path is not None else None
     separate = rm.to(device) if rm is not None and not shared else None
@@ -82,7 +86,7 @@ def generation_copy(model, rt: Runtime, dtype: torch.dtype) -> RoleModel:
     stage by collectives (``PipelinedModel.gather_state``); the caller drops it after generation."""
     state = model.gather_state(lambda name: name.startswith(("trunk.", "heads.policy.")))
     with torch.device("meta"):
-        copy = RoleModel(model.config, model.trunk_layers, roles=(Role.POLICY,))
+        copy = RoleModel(model.config, model.trunk_layers, roles=(Role.POLICY,), lora=getattr(model, "lora", None))
     copy.load_state_dict(state, strict=True, assign=True)
     copy.freeze()
     copy.to(device=rt.device, dtype=dtype)

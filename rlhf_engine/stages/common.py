@@ -26,6 +26,8 @@ from ..data.streams import BatchStream, GlobalSteps
 from ..data.tokenizer import train_bpe_tokenizer
 from ..faults import finite_or_none
 from ..models import Transformer, load_hf_model, load_tokenizer, save_hf_model
+from ..models.lora import save_peft_adapters
+from ..models.roles import Role
 from ..parallel.checkpoint import gather_model
 from ..parallel.runtime import Runtime, init_runtime
 from ..trainer import ParamGroup, StepSource, Trainer
@@ -141,11 +143,16 @@ def base_model(cfg: RunConfig, tokenizer) -> Transformer:
     return model
 
 
-def export_policy(model, out: Path, tokenizer, rt: Runtime, make_plain: Callable[[], nn.Module]) -> dict[str, Any]:
-    """Collective: gather a (sharded) RoleModel and save its policy as a Hugging Face checkpoint."""
+def export_policy(model, out: Path, tokenizer, rt: Runtime, make_plain: Callable[[], nn.Module],
+                  cfg: RunConfig) -> dict[str, Any]:
+    """Collective: gather a (sharded) RoleModel and save its policy as a Hugging Face checkpoint (LoRA
+    merged); with ``model.lora.export_peft`` also the policy's adapters in PEFT's format under ``peft/``."""
     plain = gather_model(model, make_plain)
     if plain is not None:
         save_hf_model(plain.policy_model(), out / "hf", tokenizer=tokenizer)
+        if plain.lora is not None and cfg.model.lora.export_peft:
+            save_peft_adapters(plain.head(Role.POLICY).state_dict(), cfg.model.lora, out / "peft",
+                               base_model=cfg.model.hf_path)
     rt.barrier()
     return {"export": str(out / "hf")}
 

@@ -31,7 +31,7 @@ def setup_dpo(ctx: StageContext) -> StageSetup:
     tokenizer = ctx.tokenizer(texts_of(train_rows))
     sft = base_model(cfg, tokenizer)
     k, probe = resolve_trunk_layers(cfg, sft, tokenizer, train_rows, eval_rows)
-    model = rt.parallelize(RoleModel.from_sft(sft, k, roles=DPO_ROLES), cfg)
+    model = rt.parallelize(RoleModel.from_sft(sft, k, roles=DPO_ROLES, lora=cfg.model.lora, seed=cfg.trainer.seed), cfg)
     del sft
     train, held_out = (RowBatcher(cfg, tokenizer, rows, "pairs") for rows in (train_rows, eval_rows))
     d = cfg.algorithm.dpo
@@ -48,7 +48,7 @@ def setup_dpo(ctx: StageContext) -> StageSetup:
                       f"{len(train_rows)} train / {len(eval_rows)} held-out rows",
                       eval_batches=held_out.fixed(cfg.trainer.eval_batches), summarize=summarize,
                       export=lambda out: export_policy(model, out, tokenizer, rt, lambda: RoleModel(
-                          model.config, model.trunk_layers, roles=DPO_ROLES)))
+                          model.config, model.trunk_layers, roles=DPO_ROLES, lora=cfg.model.lora), cfg))
 
 
 def run_dpo(cfg: RunConfig) -> dict[str, Any]:

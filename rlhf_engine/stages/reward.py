@@ -77,7 +77,7 @@ def setup_reward_model(ctx: StageContext) -> StageSetup:
     k, probe = resolve_trunk_layers(cfg, lm, tokenizer, train_rows, eval_rows) if name == "rm" else (
         _number_of_layers(cfg), {})
     model = ScoreModel.from_lm(lm, k, len(labels) if labels else 1,
-                               generator=torch.Generator().manual_seed(cfg.trainer.seed))
+                               generator=torch.Generator().manual_seed(cfg.trainer.seed), lora=cfg.model.lora)
     del lm
     model = rt.parallelize(model, cfg)
     train, held_out = (RowBatcher(cfg, tokenizer, rows, kind) for rows in (train_rows, eval_rows))
@@ -95,7 +95,8 @@ def setup_reward_model(ctx: StageContext) -> StageSetup:
             shift = mean_response_score(model, train.fixed(), rt.device)
             model.bias -= shift
             extra["normalization_shift"] = shift
-        plain = gather_model(model, lambda: ScoreModel(model.config, model.trunk_layers, model.num_outputs))
+        plain = gather_model(model, lambda: ScoreModel(model.config, model.trunk_layers, model.num_outputs,
+                                                       lora=cfg.model.lora))
         if plain is not None:
             save_score_model(plain, out / "hf", tokenizer=tokenizer, labels=labels)
         rt.barrier()

@@ -118,7 +118,7 @@ def setup_rl(ctx: StageContext) -> StageSetup:
 
     def export(out) -> dict[str, Any]:
         done = export_policy(model, out, tokenizer, rt, lambda: RoleModel(model.config, model.trunk_layers,
-                                                                            roles=model.roles))
+                                                                            roles=model.roles, lora=cfg.model.lora), cfg)
         return {**done, "samples": evaluate.samples}
 
     heads = ", ".join(r.value for r in model.roles)

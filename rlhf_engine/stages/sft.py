@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..algorithms.sft import SFT
 from ..config import RunConfig
 from ..data.chat import pad_id, row_texts
@@ -24,6 +26,7 @@ from ..data.demonstrations import eval_batches, load_sft_rows, sft_stream, to_ex
 from ..data.indexed import indexed_examples, is_indexed
 from ..data.reader import DataError
 from ..data.streams import split_rows
+from ..models.lora import apply_lora
 from ..parallel.checkpoint import export_hf
 from ..rollout.sampling import sample_responses
 from .common import StageContext, StageSetup, base_model, run_stage
@@ -44,7 +47,10 @@ def setup_sft(ctx: StageContext) -> StageSetup:
         tokenizer = ctx.tokenizer(t for row in train_rows for t in row_texts(row))
         train_ex = to_examples(tokenizer, train_rows, d.seq_len)
         eval_ex = to_examples(tokenizer, eval_rows, d.seq_len)
-    model = rt.parallelize(base_model(cfg, tokenizer), cfg)
+    model = base_model(cfg, tokenizer)
+    if cfg.model.lora.rank:  # adapters on the targeted linears; everything else frozen
+        apply_lora(model, cfg.model.lora, torch.Generator().manual_seed(cfg.trainer.seed))
+    model = rt.parallelize(model, cfg)
     pad = pad_id(tokenizer)
 
     def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +59,7 @@ def setup_sft(ctx: StageContext) -> StageSetup:
                 "eval_accuracy_final": result["final_eval"].get("eval_accuracy")}
 
     def export(out) -> dict[str, Any]:
-        export_hf(model, out / "hf", tokenizer=tokenizer)
+        export_hf(model, out / "hf", tokenizer=tokenizer, lora=cfg.model.lora, base=cfg.model.hf_path)
         # Sampling from a sharded model needs the tensor-parallel generator; load the export instead.
         chats = [r for r in eval_rows if not isinstance(r, str)][:4]
         return {"export": str(out / "hf"),
