@@ -27,8 +27,9 @@ shard (finer, not bitwise equal to one process).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -38,6 +39,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from ..models.lora import LoRALinear
 from ..models.transformer import Transformer
 from .fsdp import decoder_parts
 
@@ -51,12 +53,22 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool
     """
     if tp_mesh.size() == 1:
         return model
+    # torch's SequenceParallel re-creates norm weights as new Parameters that require grad: a frozen norm
+    # (a LoRA head's, a frozen trunk's) would start training. Every parameter keeps its flag.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    _shard(model, tp_mesh, sequence_parallel)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return model
+
+
+def _shard(model, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     if not isinstance(model, Transformer):
         for part in decoder_parts(model):
-            apply_tensor_parallel(part, tp_mesh, sequence_parallel=sequence_parallel)
+            _shard(part, tp_mesh, sequence_parallel)
             if getattr(part, "score", None) is not None:
                 _replicate(part.score, tp_mesh)
-        return model
+        return
     sp = sequence_parallel
     residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
 
@@ -95,7 +107,6 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh, *, sequence_parallel: bool
                 "mlp": styles.gather_input("mlp", ("gate_proj", "up_proj"), extra_args=0),
             })
         parallelize_module(layer, tp_mesh, plan)
-    return model
 
 
 class _Styles:
@@ -116,6 +127,8 @@ class _Styles:
         return cast.scaling_type == ScalingType.DYNAMIC and cast.scaling_granularity == ScalingGranularity.TENSORWISE
 
     def colwise(self, name: str):
+        if isinstance(self.layer.get_submodule(name), LoRALinear):
+            return _LoRAColwise()
         if self.float8(name):
             from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel  # optional: torchao
 
@@ -123,6 +136,8 @@ class _Styles:
         return ColwiseParallel()
 
     def rowwise(self, name: str, *, output_layouts):
+        if isinstance(self.layer.get_submodule(name), LoRALinear):
+            return _LoRARowwise(output_layouts=output_layouts)
         if self.float8(name):
             from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel  # optional: torchao
 
@@ -140,6 +155,35 @@ class _Styles:
             return PrepareFloat8ModuleInput(input_layouts=layouts, desired_input_layouts=desired,
                                             fwd_config_submodule_fqn=consumers[0])
         return PrepareModuleInput(input_layouts=layouts, desired_input_layouts=desired)
+
+
+def _distribute(module, mesh: DeviceMesh, placements: dict[str, Placement], src_data_rank) -> None:
+    for name, placement in placements.items():
+        param = getattr(module, name)
+        module.register_parameter(name, nn.Parameter(
+            distribute_tensor(param, mesh, [placement], src_data_rank=src_data_rank), requires_grad=param.requires_grad))
+
+
+class _LoRAColwise(ColwiseParallel):
+    """Column-parallel LoRALinear: W (out, in), its bias and B (out, r) split by output rows, A (r, in)
+    whole on every rank, so each rank computes its output columns' update x A^T B_local^T exactly."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if not isinstance(module, LoRALinear):  # called for every submodule: the dropout holds nothing
+            return
+        _distribute(module, device_mesh, {n: Replicate() if n == "lora_A" else Shard(0)
+                                          for n, _ in module.named_parameters()}, self.src_data_rank)
+
+
+class _LoRARowwise(RowwiseParallel):
+    """Row-parallel LoRALinear: W and A (r, in) split by input columns (their partial products are summed
+    with the base's), B (out, r) and the bias whole."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if not isinstance(module, LoRALinear):
+            return
+        super()._partition_linear_fn(name, module, device_mesh)
+        _distribute(module, device_mesh, {"lora_A": Shard(1), "lora_B": Replicate()}, self.src_data_rank)
 
 
 def _replicate(module, tp_mesh: DeviceMesh) -> None:

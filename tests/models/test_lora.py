@@ -25,7 +25,7 @@ def _hf(tmp_path, **kw):
 
 
 def _ids():
-    return torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))  # S even: tp2 with SP
 
 
 def _train_adapters(model, seed=2):
@@ -157,3 +157,51 @@ def test_lora_dpo_and_reward_model_stages_train_adapters(tmp_path, stage, config
     line = next(x for x in err.splitlines() if "trainable" in x)
     total, trainable = (float(v) for v in __import__("re").findall(r"([0-9.]+)M", line)[:2])
     assert 0 < trainable < 0.2 * total, line  # adapters (and a score head) only
+
+
+def _tp_lora_body():
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from rlhf_engine.models import Transformer, TransformerConfig
+    from rlhf_engine.parallel import ParallelDims, apply_tensor_parallel
+
+    cfg = TransformerConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
+                            num_kv_heads=2)
+    sft = Transformer(cfg)
+    sft.reset_parameters(torch.Generator().manual_seed(0))
+    roles = (Role.POLICY, Role.REFERENCE, Role.CRITIC)
+    plain, sharded = (RoleModel.from_sft(sft, 1, roles=roles, lora=LORA, seed=3) for _ in range(2))
+    for m in (plain, sharded):
+        _train_adapters(m)
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, pp=1, tp=dist.get_world_size(), world_size=dist.get_world_size())
+    apply_tensor_parallel(sharded, dims.build_mesh("cpu")["tp"], sequence_parallel=True)
+    ids, targets = _batch()
+    ids, targets = ids % 96, torch.where(targets == -100, targets, targets % 96)
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, sharded)]
+    for step in range(2):
+        outs = [m(ids, targets=targets, roles=roles) for m in (plain, sharded)]
+        for name in ("logp", "ref_logp", "kl", "values"):
+            assert (getattr(outs[0], name) - getattr(outs[1], name)).abs().max() <= 1e-5, (step, name)
+        for out in outs:
+            (out.logp.sum() + out.kl.sum() + out.values.pow(2).sum()).backward()
+        mine = dict(sharded.named_parameters())
+        for name, p in plain.named_parameters():
+            if p.grad is not None:
+                got = full(mine[name].grad)
+                assert (got - p.grad).abs().max() <= 1e-5, (step, name, (got - p.grad).abs().max())
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        for name, p in plain.named_parameters():  # the same update on every adapter
+            assert (full(mine[name].detach()) - p.detach()).abs().max() <= 1e-5, (step, name)
+    for name, p in plain.named_parameters():
+        assert (full(mine[name].detach()) - p.detach()).abs().max() <= 1e-5, name  # adapters after 2 AdamW steps
+
+
+@pytest.mark.dist
+def test_lora_under_tp2_equals_one_process():
+    from torchrun_helper import torchrun
+
+    torchrun(_tp_lora_body, nproc=2)
