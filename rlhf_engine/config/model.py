@@ -130,7 +130,8 @@ class LoRAConfig:
     target_modules: list[str] = dataclasses.field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get adapters: a module's last name component (``q_proj``), or a regular
-    expression over its whole name (``layers\\.[0-9]+\\.mlp\\..*``). The LM head and score heads never do."""
+    expression over its whole name (``layers\\.[0-9]+\\.mlp\\..*``). Add ``lm_head`` to adapt the LM head too
+    (the fused log-prob kernels then read W + (alpha / r) B A); score heads never get adapters."""
     trainable: list[str] = dataclasses.field(default_factory=lambda: ["score"])
     """Modules that train in full beside the adapters (PEFT's modules_to_save): by default a reward
     model's or critic's score head."""

@@ -65,6 +65,14 @@ class LoRALinear(nn.Linear):
             return out
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / r) B A (out, in), differentiable in A and B; W alone with the adapters off. For
+        consumers that take a weight rather than calling the layer: the fused log-prob kernels read an
+        adapted LM head's weight this way, so they never see logits either."""
+        if not self.adapters_enabled:
+            return self.weight
+        return self.weight + (self.lora_B @ self.lora_A) * self.scaling
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
 
@@ -77,7 +85,7 @@ def targets(name: str, patterns: list[str]) -> bool:
 
 
 def apply_lora(module: nn.Module, settings: LoRAConfig, generator: torch.Generator | None = None,
-               skip: tuple[str, ...] = ("lm_head", "score")) -> list[str]:
+               skip: tuple[str, ...] = ("score",)) -> list[str]:
     """Replace the targeted ``nn.Linear``s under ``module`` by ``LoRALinear``s, in place, and freeze every
     other parameter of ``module`` except those of ``skip``'d modules named in ``settings.trainable``.
     Returns the adapted module names (an error if none matched: a misspelt pattern would train nothing)."""

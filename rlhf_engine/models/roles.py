@@ -328,7 +328,7 @@ class RoleModel(nn.Module):
             ref_weight, ref_offset, ref_group = local_vocab_shard(self.head(Role.REFERENCE).lm_head.weight)
             ref_hidden, ref_weight = hidden[Role.REFERENCE], ref_weight.detach()
         if Role.POLICY in hidden:
-            w, offset, group = local_vocab_shard(self.head(Role.POLICY).lm_head.weight)
+            w, offset, group = local_vocab_shard(self.head(Role.POLICY).output_weight)  # LoRA: W + s B A
             res = linear_logprob(hidden[Role.POLICY], w, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                  temperature=temperature, tp_group=group, vocab_offset=offset)
         else:
@@ -352,7 +352,7 @@ class RoleModel(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return self.head(Role.POLICY).lm_head.weight
+        return self.head(Role.POLICY).output_weight
 
     def policy_model(self) -> Transformer:
         """Trunk + policy head as one plain ``Transformer`` (untied), e.g. for a Hugging Face export."""

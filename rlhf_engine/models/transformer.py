@@ -334,7 +334,10 @@ class Transformer(nn.Module):
         """LM-head weight (V, D): the embedding itself when tied."""
         if self.lm_head is None and self.embed_tokens is None:
             raise AttributeError("this slice of the decoder has no LM head")
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is None:
+            return self.embed_tokens.weight
+        merged = getattr(self.lm_head, "merged_weight", None)  # a LoRA-adapted head (models/lora.py)
+        return merged() if merged is not None else self.lm_head.weight
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit norms (Llama's initialisation)."""

@@ -77,7 +77,8 @@ def _shard(model, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     if model.embed_tokens is not None:
         root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
     if model.lm_head is not None:  # tied: the embedding's row (vocabulary) sharding is the LM head's
-        root_plan["lm_head"] = ColwiseParallel(use_local_output=False)
+        lora = isinstance(model.lm_head, LoRALinear)
+        root_plan["lm_head"] = (_LoRAColwise if lora else ColwiseParallel)(use_local_output=False)
     if sp and model.norm is not None:
         root_plan["norm"] = SequenceParallel()
     if root_plan:
