@@ -4,7 +4,9 @@
 
 Variants: ``separate`` (trunk_layers = 0: policy, reference, critic and reward are whole models),
 ``shared_trunk`` (the lower trunk_fraction of the layers frozen and shared; PPO epochs reuse the cached
-trunk states) and ``shared_trunk_recompute`` (the same model, rerunning the trunk every minibatch).
+trunk states), ``shared_trunk_recompute`` (the same model, rerunning the trunk every minibatch), and
+``separate_lora`` / ``shared_trunk_lora`` (LoRA, ``--lora-rank``, on the policy and critic heads'
+attention and MLP projections; the reference is the policy with its adapters off, so it holds no weights).
 Measured in one run:
 - param_mb, grad_mb, optim_mb: parameters of all roles, gradients after a PPO backward, AdamW state;
 - experience_ms: one experience-making forward of all four roles on the rollout batch (policy log-probs,
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 from _bench import PeakMemory, pin_malloc_threshold, write_csv
 
+from rlhf_engine.config.model import LoRAConfig
 from rlhf_engine.models import Role, RoleModel, TransformerConfig, TrunkCache
 from rlhf_kernels import gae, ppo_policy_loss, value_loss
 
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--minibatch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,10 +87,12 @@ def main() -> None:
     targets[:, : args.seq // 4] = -100  # the prompt
     targets[:, -1] = -100
     rows = []
-    for variant, trunk_layers, cached in (("separate", 0, False), ("shared_trunk", k, True),
-                                          ("shared_trunk_recompute", k, False)):
+    lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+    for variant, trunk_layers, cached, adapters in (("separate", 0, False, None), ("shared_trunk", k, True, None),
+                                                    ("shared_trunk_recompute", k, False, None),
+                                                    ("separate_lora", 0, False, lora), ("shared_trunk_lora", k, True, lora)):
         torch.manual_seed(0)
-        model = RoleModel(cfg, trunk_layers).to(device)
+        model = RoleModel(cfg, trunk_layers, lora=adapters).to(device)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
         times_exp, times_epoch, peak = [], [], 0.0
         for _ in range(args.repeats + 1):  # the first round warms up
@@ -104,6 +110,7 @@ def main() -> None:
         grads = [p.grad for p in params if p.grad is not None]
         optim = [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
         rows.append(dict(variant=variant, trunk_fraction=round(trunk_layers / args.layers, 2),
+                         lora_rank=adapters.rank if adapters else 0,
                          param_mb=round(_mb(params), 1), grad_mb=round(_mb(grads), 1), optim_mb=round(_mb(optim), 1),
                          experience_ms=round(statistics.median(times_exp[1:]), 1),
                          ppo_epoch_ms=round(statistics.median(times_epoch[1:]), 1), peak_mem_mb=round(peak, 1)))
@@ -114,6 +121,10 @@ def main() -> None:
         print(f"{r['variant']}: param+grad+optim {state:.2f}x separate, experience "
               f"{r['experience_ms'] / sep['experience_ms']:.2f}x, PPO epoch {r['ppo_epoch_ms'] / sep['ppo_epoch_ms']:.2f}x")
     print(f"PPO epoch with the cache: {rows[1]['ppo_epoch_ms'] / rows[2]['ppo_epoch_ms']:.2f}x without it")
+    for full, adapted in ((rows[0], rows[3]), (rows[1], rows[4])):
+        print(f"{adapted['variant']}: grad {adapted['grad_mb'] / full['grad_mb']:.3f}x, AdamW state "
+              f"{adapted['optim_mb'] / full['optim_mb']:.3f}x, params {adapted['param_mb'] / full['param_mb']:.2f}x, "
+              f"PPO epoch {adapted['ppo_epoch_ms'] / full['ppo_epoch_ms']:.2f}x {full['variant']}")
     out = args.out or RESULTS / f"roles_{device}.csv"
     write_csv(rows, out)
 
