@@ -51,11 +51,9 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.rank, self.scaling = rank, alpha / rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))  # (out, r)
-        if w.device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(fresh_adapter("lora_A", (rank, self.in_features), generator).to(**like))  # (r, in)
+        self.lora_B = nn.Parameter(fresh_adapter("lora_B", (self.out_features, rank)).to(**like))  # (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapters_enabled = True
 
@@ -86,9 +84,10 @@ def targets(name: str, patterns: list[str]) -> bool:
 
 def apply_lora(module: nn.Module, settings: LoRAConfig, generator: torch.Generator | None = None,
                skip: tuple[str, ...] = ("score",)) -> list[str]:
-    """Replace the targeted ``nn.Linear``s under ``module`` by ``LoRALinear``s, in place, and freeze every
-    other parameter of ``module`` except those of ``skip``'d modules named in ``settings.trainable``.
-    Returns the adapted module names (an error if none matched: a misspelt pattern would train nothing)."""
+    """Replace the targeted ``nn.Linear``s under ``module`` (never those named in ``skip``) by
+    ``LoRALinear``s, in place, and freeze ``module`` except the adapters and the modules named in
+    ``settings.trainable`` (``freeze_base``). Returns the adapted module names (an error if none matched:
+    a misspelt pattern would train nothing)."""
     adapted = []
     for name, child in list(module.named_modules()):
         if isinstance(child, nn.Linear) and not isinstance(child, LoRALinear) and targets(name, settings.target_modules):
@@ -107,17 +106,17 @@ def apply_lora(module: nn.Module, settings: LoRAConfig, generator: torch.Generat
 def freeze_base(module: nn.Module, settings: LoRAConfig) -> None:
     """Only adapters train, and the modules named in ``settings.trainable`` (e.g. a reward model's score)."""
     for name, p in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        p.requires_grad_(leaf in LORA_PARAMS or owner in settings.trainable)
+        owner = name.rsplit(".", 2)[-2] if "." in name else ""
+        p.requires_grad_(is_adapter(name) or owner in settings.trainable)
 
 
 def is_adapter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in LORA_PARAMS
 
 
-def fresh_adapter(name: str, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The initial value of adapter tensor ``name`` (fp32): A Kaiming-uniform (a = sqrt(5)), B zero."""
+def fresh_adapter(name: str, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The initial value of adapter tensor ``name`` (fp32; nothing drawn on the meta device): A
+    Kaiming-uniform (a = sqrt(5)), B zero."""
     value = torch.zeros(shape)
     if name.endswith("lora_A"):
         nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)

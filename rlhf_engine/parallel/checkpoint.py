@@ -126,10 +126,6 @@ def _saved_model_state(model: torch.nn.Module) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k in trainable or is_adapter(k)}
 
 
-def _state_size(model: torch.nn.Module) -> int:
-    return len(get_model_state_dict(model))
-
-
 def _clean(name: str) -> str:
     """A parameter name without the wrappers' infixes (activation checkpointing, FSDP1), as DCP writes it."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
@@ -227,7 +223,8 @@ def load_checkpoint(
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=len(state["model"]) == _state_size(model)))
+    adapted = next(lora_modules(model), None) is not None  # then the frozen base is not in the checkpoint
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not adapted))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rng_file = path / f"rng_rank{_rank():05d}.pt"

@@ -86,7 +86,7 @@ def generation_copy(model, rt: Runtime, dtype: torch.dtype) -> RoleModel:
     stage by collectives (``PipelinedModel.gather_state``); the caller drops it after generation."""
     state = model.gather_state(lambda name: name.startswith(("trunk.", "heads.policy.")))
     with torch.device("meta"):
-        copy = RoleModel(model.config, model.trunk_layers, roles=(Role.POLICY,), lora=getattr(model, "lora", None))
+        copy = RoleModel(model.config, model.trunk_layers, roles=(Role.POLICY,), lora=model.lora)
     copy.load_state_dict(state, strict=True, assign=True)
     copy.freeze()
     copy.to(device=rt.device, dtype=dtype)

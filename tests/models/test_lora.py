@@ -3,6 +3,7 @@ adapters off (equal to a separate reference head), merged exports and PEFT's own
 forward, checkpoints hold only what trains."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def test_lora_dpo_and_reward_model_stages_train_adapters(tmp_path, stage, config
     assert (tmp_path / "hf" / "config.json").exists(), summary
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if "trainable" in x)
-    total, trainable = (float(v) for v in __import__("re").findall(r"([0-9.]+)M", line)[:2])
+    total, trainable = (float(v) for v in re.findall(r"([0-9.]+)M", line)[:2])
     assert 0 < trainable < 0.2 * total, line  # adapters (and a score head) only
 
 
