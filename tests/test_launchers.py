@@ -23,6 +23,7 @@ def _losses(run: Path) -> list[float]:
 
 
 FP8 = ["precision.fp8.backend=torchao"]
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=1e-2"]
 SFT_LAYOUTS = {  # id: (layout overrides, overrides of both runs, loss tolerance)
     "tp2_sp": (["parallel.tp=2", "parallel.sequence_parallel=true"], [], 1e-5),
     "fsdp2": (["parallel.dp_shard=2"], [], 1e-5),
@@ -85,22 +86,25 @@ PREF_TINY = ["model.architecture.hidden_size=64", "model.architecture.intermedia
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("command,recipe,layout", [
-    ("dpo", "configs/dpo_tiny.yaml", ["parallel.dp_shard=2"]),
-    ("rm", "configs/rm_tiny.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    ("dpo", "configs/dpo_tiny.yaml", ["parallel.pp=2"]),  # 3 layers on 2 stages: an uneven split
-    ("rm", "configs/rm_tiny.yaml", ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
-], ids=["dpo_fsdp2", "rm_tp2_sp", "dpo_pp2", "rm_pp2_gpipe"])
-def test_preference_stages_under_torchrun_match_single_process(tmp_path, command, recipe, layout):
-    """Roles over a shared trunk (DPO) under FSDP2 and a score model (RM) under TP+SP reproduce one process."""
+@pytest.mark.parametrize("command,recipe,layout,both", [
+    ("dpo", "configs/dpo_tiny.yaml", ["parallel.dp_shard=2"], []),
+    ("rm", "configs/rm_tiny.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true"], []),
+    ("dpo", "configs/dpo_tiny.yaml", ["parallel.pp=2"], []),  # 3 layers on 2 stages: an uneven split
+    ("rm", "configs/rm_tiny.yaml", ["parallel.pp=2", "parallel.pp_schedule=gpipe"], []),
+    ("dpo", "configs/dpo_tiny.yaml", ["parallel.dp_shard=2"], LORA),
+    ("dpo", "configs/dpo_tiny.yaml", ["parallel.pp=2"], LORA),
+], ids=["dpo_fsdp2", "rm_tp2_sp", "dpo_pp2", "rm_pp2_gpipe", "lora_dpo_fsdp2", "lora_dpo_pp2"])
+def test_preference_stages_under_torchrun_match_single_process(tmp_path, command, recipe, layout, both):
+    """Roles over a shared trunk (DPO) under FSDP2 and a score model (RM) under TP+SP reproduce one process;
+    so does DPO with LoRA adapters (the reference: the policy with its adapters off) under FSDP2 and PP."""
     from rlhf_engine.cli import main
 
     dp = 2 if "parallel.dp_shard=2" in layout else 1
-    assert main([command, "--config", recipe, *PREF_TINY, f"trainer.out_dir={tmp_path / 'single'}",
+    assert main([command, "--config", recipe, *PREF_TINY, *both, f"trainer.out_dir={tmp_path / 'single'}",
                  "trainer.grad_accum_steps=2"]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [str(ROOT / "scripts/torchrun.sh"), "2", command, "--config", recipe, *PREF_TINY, *layout,
+        [str(ROOT / "scripts/torchrun.sh"), "2", command, "--config", recipe, *PREF_TINY, *both, *layout,
          f"trainer.out_dir={tmp_path / 'dist'}", f"trainer.grad_accum_steps={2 // dp}",
          f"model.tokenizer_path={tmp_path / 'single' / 'tokenizer'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -173,20 +177,24 @@ RL_PP = RL_TINY.replace("num_layers: 3", "num_layers: 4").replace("trunk_layers:
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_rl_under_pipeline_parallelism_matches_one_process(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,lora", [("ppo", False), ("grpo", False), ("ppo", True)],
+                         ids=["ppo", "grpo", "ppo_lora"])
+def test_rl_under_pipeline_parallelism_matches_one_process(tmp_path, algorithm, lora):
     """Online RL with the update, the experience pass and generation under pipeline parallelism: PPO
     (critic, shared trunk k=2) and GRPO under tp2 x pp2 reproduce one process (generation on the policy
-    gathered whole per rank, the experience forward and the updates through the stages); pp4 runs."""
+    gathered whole per rank, the experience forward and the updates through the stages); pp4 runs. With
+    LoRA (attention, MLP and LM head; the reference: the policy with its adapters off) too."""
     from rlhf_engine.cli import main
 
     recipe = tmp_path / "rl.yaml"
     recipe.write_text(RL_PP)
     both = [f"algorithm.name={algorithm}"] + (["algorithm.rl.group=4"] if algorithm == "grpo" else [])
+    if lora:
+        both += [*LORA, "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"]
     assert main(["rl", "--config", str(recipe), *both, f"trainer.out_dir={tmp_path / 'single'}"]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
     layouts = {"tp2_pp2": ["parallel.tp=2", "parallel.pp=2"]}
-    if algorithm == "ppo":
+    if algorithm == "ppo" and not lora:
         layouts["pp4"] = ["parallel.pp=4"]
     for name, layout in layouts.items():
         proc = subprocess.run(
