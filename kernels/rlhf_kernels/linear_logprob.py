@@ -4,7 +4,8 @@
     loss = -(out.logp * mask).sum() + beta * (out.kl * mask).sum() - alpha * (out.entropy * mask).sum()
     loss.backward()
 
-With z = hidden @ weight^T / T and u = ref_hidden @ ref_weight^T / T, per token:
+With z = hidden @ weight^T / T and u = ref_hidden @ ref_weight^T / T (with ``softcap``, Gemma 2's final
+logit softcapping, the raw logits r become cap * tanh(r / cap) first), per token:
 logp = z_y - logsumexp(z), entropy = -sum p log p, ref_logp = u_y - logsumexp(u),
 kl = sum_j p_j (log p_j - log q_j) (exact, over the whole vocabulary, not a sampled estimate).
 
@@ -60,19 +61,19 @@ def resolve_impl(backend: Any, device: torch.device):
 
 class _FusedLinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xp, wp, xq, wq, targets, temperature, ignore_index, vocab_offset, group, impl, out_shape):
+    def forward(ctx, xp, wp, xq, wq, targets, temperature, ignore_index, vocab_offset, group, impl, out_shape, softcap):
         has_policy, has_ref = xp is not None, xq is not None
         v_local = (wp if has_policy else wq).shape[0]
         keep = targets != ignore_index  # (N,)
         local = targets - vocab_offset
         y_local = torch.where(keep & (local >= 0) & (local < v_local), local, -1).contiguous()  # (N,)
         inv_temp = 1.0 / temperature
-        state = impl.forward_state(xp, wp, xq, wq, y_local, inv_temp)  # (N, 8)
+        state = impl.forward_state(xp, wp, xq, wq, y_local, inv_temp, softcap)  # (N, 8)
         if group is not None and dist.get_world_size(group) > 1:
             state = merge_across_ranks(state, group)
         out, saved = finalize(state, keep, has_policy, has_ref)
         ctx.save_for_backward(xp, wp, xq, wq, y_local, keep, saved)
-        ctx.config = (has_policy, has_ref, inv_temp, group, impl)
+        ctx.config = (has_policy, has_ref, inv_temp, group, impl, softcap)
         ctx.set_materialize_grads(False)
         empty = state.new_zeros(0)
         # Fresh tensors in the caller's shape, never views: an in-place op on a view returned through
@@ -85,8 +86,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_h, _g_ref, g_kl, _g_argmax):
         xp, wp, xq, wq, y_local, keep, saved = ctx.saved_tensors
-        has_policy, has_ref, inv_temp, group, impl = ctx.config
-        nones = (None,) * 9
+        has_policy, has_ref, inv_temp, group, impl, softcap = ctx.config
+        nones = (None,) * 10
         if not has_policy or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return (None, None) + nones
         N, H = xp.shape
@@ -109,7 +110,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
             x_blk = xp[n0:n1].to(gemm_dtype)
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(v0 + vocab_chunk, V)
-                dz = impl.dlogits(xp, wp, xq, wq, y_local, zp, coef, inv_temp, n0, n1, v0, v1, need_u, gemm_dtype)
+                dz = impl.dlogits(xp, wp, xq, wq, y_local, zp, coef, inv_temp, n0, n1, v0, v1, need_u, gemm_dtype,
+                                  softcap)
                 w_blk = wp[v0:v1].to(gemm_dtype)
                 if not accumulate_dw:
                     dw[v0:v1] = dz.T @ x_blk  # (v, H), each slice written once
@@ -146,6 +148,7 @@ def linear_logprob(
     tp_group: dist.ProcessGroup | None = None,
     vocab_offset: int = 0,
     backend: Any = "auto",
+    softcap: float | None = None,
 ) -> LogprobOutput:
     """Per-token (logp, entropy, ref_logp, kl, is_argmax), shaped like ``targets`` (fp32; is_argmax bool).
 
@@ -160,6 +163,8 @@ def linear_logprob(
         raise ValueError("nothing to compute: no policy and no reference")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
     w_any = weight if weight is not None else ref_weight
     H = w_any.shape[1]
     if weight is not None and ref_weight is not None and weight.shape != ref_weight.shape:
@@ -176,7 +181,7 @@ def linear_logprob(
     outs = _FusedLinearLogprob.apply(
         xp, weight.contiguous() if weight is not None else None, xq,
         ref_weight.detach().contiguous() if ref_weight is not None else None,
-        y, float(temperature), ignore_index, vocab_offset, tp_group, impl, tuple(shape),
+        y, float(temperature), ignore_index, vocab_offset, tp_group, impl, tuple(shape), float(softcap or 0.0),
     )
     has = {"logp": xp is not None, "entropy": xp is not None, "ref_logp": xq is not None,
            "kl": xp is not None and xq is not None, "is_argmax": xp is not None}

@@ -20,15 +20,20 @@ def linear_logprob_reference(
     ref_weight: torch.Tensor | None = None,  # (V, H)
     temperature: float = 1.0,
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> LogprobOutput:
-    """z = hidden @ weight^T / T, u = ref_hidden @ ref_weight^T / T (fp32):
+    """z = hidden @ weight^T / T, u = ref_hidden @ ref_weight^T / T (fp32; with ``softcap`` the raw logits
+    r become cap * tanh(r / cap) before the temperature):
     logp = log_softmax(z)[y], entropy = -sum p log p, ref_logp = log_softmax(u)[y],
     kl = sum_j p_j (log p_j - log q_j). Masked tokens give 0 everywhere."""
     keep = targets != ignore_index  # (N,)
     y = targets.clamp(min=0)[:, None]
 
     def logprobs(h, w):
-        return torch.log_softmax(h.float() @ w.float().T / temperature, dim=-1)  # (N, V)
+        r = h.float() @ w.float().T  # (N, V)
+        if softcap:
+            r = softcap * torch.tanh(r / softcap)
+        return torch.log_softmax(r / temperature, dim=-1)
 
     logp = entropy = ref_logp = kl = is_argmax = None
     if hidden is not None:

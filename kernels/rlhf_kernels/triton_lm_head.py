@@ -46,13 +46,15 @@ def _tile_logits(
     stride_x,
     stride_w,
     inv_temp,
+    softcap,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     EVEN_H: tl.constexpr,
     PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """[BLOCK_N, BLOCK_V] fp32 tile of x @ w^T / T."""
+    """[BLOCK_N, BLOCK_V] fp32 tile of x @ w^T / T, or of cap * tanh(x @ w^T / cap) / T with SOFTCAP."""
     rh = tl.arange(0, BLOCK_H)
     x_ptrs = x_ptr + rows[:, None] * stride_x + rh[None, :]  # [BLOCK_N, BLOCK_H]
     w_ptrs = w_ptr + cols[None, :] * stride_w + rh[:, None]  # [BLOCK_H, BLOCK_V]: W^T read in place
@@ -67,6 +69,8 @@ def _tile_logits(
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
+    if SOFTCAP:  # tanh(t) = 2 sigmoid(2t) - 1
+        acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
     return acc * inv_temp
 
 
@@ -87,6 +91,7 @@ def _state_fwd_kernel(
     stride_xq,
     stride_wq,
     inv_temp,
+    softcap,
     HAS_POLICY: tl.constexpr,
     HAS_REF: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -94,6 +99,7 @@ def _state_fwd_kernel(
     BLOCK_H: tl.constexpr,
     EVEN_H: tl.constexpr,
     PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -118,16 +124,16 @@ def _state_fwd_kernel(
         cols = tl.minimum(rv, V - 1).to(tl.int64)
         hit = rv[None, :] == y[:, None]  # [BLOCK_N, BLOCK_V]; y < v_hi whenever it is in this slice
         if HAS_REF:
-            u = _tile_logits(xq_ptr, wq_ptr, rows, cols, H, stride_xq, stride_wq, inv_temp,
-                             BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION)
+            u = _tile_logits(xq_ptr, wq_ptr, rows, cols, H, stride_xq, stride_wq, inv_temp, softcap,
+                             BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, SOFTCAP)
             uy += tl.sum(tl.where(hit, u, 0.0), axis=1)
             u_m = tl.where(v_ok[None, :], u, neg_inf)
             mq_new = tl.maximum(mq, tl.max(u_m, axis=1))
             sq = sq * tl.exp(mq - mq_new) + tl.sum(tl.exp(u_m - mq_new[:, None]), axis=1)
             mq = mq_new
         if HAS_POLICY:
-            z = _tile_logits(xp_ptr, wp_ptr, rows, cols, H, stride_xp, stride_wp, inv_temp,
-                             BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION)
+            z = _tile_logits(xp_ptr, wp_ptr, rows, cols, H, stride_xp, stride_wp, inv_temp, softcap,
+                             BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, SOFTCAP)
             zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
             z_m = tl.where(v_ok[None, :], z, neg_inf)
             m_new = tl.maximum(m, tl.max(z_m, axis=1))
@@ -170,12 +176,14 @@ def _dlogits_kernel(
     stride_wq,
     stride_dz,
     inv_temp,
+    softcap,
     NEED_U: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     EVEN_H: tl.constexpr,
     PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     rn = (n0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rv = v0 + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # int32 vocabulary ids
@@ -183,8 +191,8 @@ def _dlogits_kernel(
     v_ok = rv < v1
     rows = tl.minimum(rn, n1 - 1)
     cols = tl.minimum(rv, v1 - 1).to(tl.int64)
-    z = _tile_logits(xp_ptr, wp_ptr, rows, cols, H, stride_xp, stride_wp, inv_temp,
-                     BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION)
+    z = _tile_logits(xp_ptr, wp_ptr, rows, cols, H, stride_xp, stride_wp, inv_temp, softcap,
+                     BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, SOFTCAP)
     zp = tl.load(zp_ptr + rows)
     g_lp = tl.load(coef_ptr + rows * 4 + 0)
     ca = tl.load(coef_ptr + rows * 4 + 1)
@@ -192,11 +200,14 @@ def _dlogits_kernel(
     inner = ca[:, None] + cb[:, None] * z
     if NEED_U:
         cc = tl.load(coef_ptr + rows * 4 + 3)
-        u = _tile_logits(xq_ptr, wq_ptr, rows, cols, H, stride_xq, stride_wq, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION)
+        u = _tile_logits(xq_ptr, wq_ptr, rows, cols, H, stride_xq, stride_wq, inv_temp, softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, PRECISION, SOFTCAP)
         inner += cc[:, None] * u
     y = tl.load(y_ptr + rows).to(tl.int32)
     dz = tl.exp(z - zp[:, None]) * inner + tl.where(rv[None, :] == y[:, None], g_lp[:, None], 0.0)
+    if SOFTCAP:  # through cap * tanh(r / cap): d/dr = 1 - tanh^2
+        t = z / (softcap * inv_temp)
+        dz = dz * (1.0 - t * t)
     out = dz_ptr + (rn - n0)[:, None] * stride_dz + (rv - v0)[None, :]
     tl.store(out, (dz * inv_temp).to(dz_ptr.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
@@ -242,7 +253,7 @@ class TritonImpl:
 
     def plan_forward(self, N: int, V: int, H: int, dtype: torch.dtype, has_policy: bool, has_ref: bool,
                      strides: tuple[int, int, int, int], inv_temp: float,
-                     device: torch.device | None = None) -> L.KernelPlan:
+                     device: torch.device | None = None, softcap: float = 0.0) -> L.KernelPlan:
         arch = self._arch(device)
         cfg = self._config(arch, "fwd", int(has_policy) + int(has_ref), dtype)
         if self.num_splits is not None:
@@ -256,28 +267,30 @@ class TritonImpl:
         ptr = {"xp_ptr": dtype, "wp_ptr": dtype, "xq_ptr": dtype, "wq_ptr": dtype,
                "y_ptr": torch.int64, "state_ptr": torch.float32}
         scalars = dict(N=N, V=V, H=H, v_per_split=v_per_split, stride_xp=strides[0], stride_wp=strides[1],
-                       stride_xq=strides[2], stride_wq=strides[3], inv_temp=inv_temp)
+                       stride_xq=strides[2], stride_wq=strides[3], inv_temp=inv_temp, softcap=softcap or 1.0)
         constexprs = dict(HAS_POLICY=has_policy, HAS_REF=has_ref, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-                          BLOCK_H=cfg.block_h, EVEN_H=H % cfg.block_h == 0, PRECISION=self._precision(dtype))
+                          BLOCK_H=cfg.block_h, EVEN_H=H % cfg.block_h == 0, PRECISION=self._precision(dtype),
+                          SOFTCAP=bool(softcap))
         return L.KernelPlan(_state_fwd_kernel, (triton.cdiv(N, cfg.block_n), splits), ptr, scalars, constexprs,
                             L.launch_options(cfg))
 
     def plan_dlogits(self, H: int, dtype: torch.dtype, out_dtype: torch.dtype, n0: int, n1: int, v0: int,
                      v1: int, need_u: bool, strides: tuple[int, int, int, int, int], inv_temp: float,
-                     device: torch.device | None = None) -> L.KernelPlan:
+                     device: torch.device | None = None, softcap: float = 0.0) -> L.KernelPlan:
         cfg = self._config(self._arch(device), "dlogits", 2 if need_u else 1, dtype)
         ptr = {"xp_ptr": dtype, "wp_ptr": dtype, "xq_ptr": dtype, "wq_ptr": dtype, "y_ptr": torch.int64,
                "zp_ptr": torch.float32, "coef_ptr": torch.float32, "dz_ptr": out_dtype}
         scalars = dict(n0=n0, n1=n1, v0=v0, v1=v1, H=H, stride_xp=strides[0], stride_wp=strides[1],
-                       stride_xq=strides[2], stride_wq=strides[3], stride_dz=strides[4], inv_temp=inv_temp)
+                       stride_xq=strides[2], stride_wq=strides[3], stride_dz=strides[4], inv_temp=inv_temp,
+                       softcap=softcap or 1.0)
         constexprs = dict(NEED_U=need_u, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                          EVEN_H=H % cfg.block_h == 0, PRECISION=self._precision(dtype))
+                          EVEN_H=H % cfg.block_h == 0, PRECISION=self._precision(dtype), SOFTCAP=bool(softcap))
         grid = (triton.cdiv(n1 - n0, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))
         return L.KernelPlan(_dlogits_kernel, grid, ptr, scalars, constexprs, L.launch_options(cfg))
 
     # ------------------------------------------------------------------------------------------ launching
 
-    def forward_state(self, xp, wp, xq, wq, y_local, inv_temp) -> torch.Tensor:
+    def forward_state(self, xp, wp, xq, wq, y_local, inv_temp, softcap: float = 0.0) -> torch.Tensor:
         x_any = xp if xp is not None else xq
         w_any = wp if wp is not None else wq
         N, H = x_any.shape
@@ -286,17 +299,18 @@ class TritonImpl:
         xq_, wq_ = (xq, wq) if xq is not None else (xp, wp)
         plan = self.plan_forward(N, V, H, x_any.dtype, xp is not None, xq is not None,
                                  (xp_.stride(0), wp_.stride(0), xq_.stride(0), wq_.stride(0)), inv_temp,
-                                 x_any.device)
+                                 x_any.device, softcap)
         state = torch.empty(plan.grid[1], N, STATE_WIDTH, dtype=torch.float32, device=x_any.device)
         plan.run(dict(xp_ptr=xp_, wp_ptr=wp_, xq_ptr=xq_, wq_ptr=wq_, y_ptr=y_local, state_ptr=state))
         return state[0] if plan.grid[1] == 1 else merge(state)
 
-    def dlogits(self, xp, wp, xq, wq, y_local, zp, coef, inv_temp, n0, n1, v0, v1, need_u, out_dtype):
+    def dlogits(self, xp, wp, xq, wq, y_local, zp, coef, inv_temp, n0, n1, v0, v1, need_u, out_dtype,
+                softcap: float = 0.0):
         dz = torch.empty(n1 - n0, v1 - v0, dtype=out_dtype, device=xp.device)
         xq_, wq_ = (xq, wq) if need_u else (xp, wp)
         plan = self.plan_dlogits(xp.shape[1], xp.dtype, out_dtype, n0, n1, v0, v1, need_u,
                                  (xp.stride(0), wp.stride(0), xq_.stride(0), wq_.stride(0), dz.stride(0)),
-                                 inv_temp, xp.device)
+                                 inv_temp, xp.device, softcap)
         plan.run(dict(xp_ptr=xp, wp_ptr=wp, xq_ptr=xq_, wq_ptr=wq_, y_ptr=y_local, zp_ptr=zp, coef_ptr=coef,
                       dz_ptr=dz))
         return dz
