@@ -20,7 +20,8 @@ from rlhf_kernels import launch as L
 
 ARCHS = (90, 80)
 DTYPES = ("bf16", "fp16", "fp32")
-LM_HEAD_VARIANTS = {"fwd policy", "fwd reference", "fwd policy+ref", "dlogits", "dlogits +KL"}
+LM_HEAD_VARIANTS = {"fwd policy", "fwd reference", "fwd policy+ref", "dlogits", "dlogits +KL",
+                    "fwd policy+ref softcap", "dlogits +KL softcap"}  # the last two: Gemma 2's logit softcap
 
 
 def _aot(tmp_path, *args):
