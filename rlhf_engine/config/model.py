@@ -73,16 +73,34 @@ class TransformerConfig:
     """Bias on the three feed-forward projections."""
     qk_norm: bool = False
     """RMSNorm over each head's query and key (head_dim wide, shared by the heads) before the rotary
-    embedding (Qwen3)."""
+    embedding (Qwen3, Gemma 3)."""
+    hidden_act: Literal["silu", "gelu_tanh"] = "silu"
+    """Gate activation of the feed-forward layer: SwiGLU (silu) or GeGLU with tanh-approximated GELU (Gemma)."""
+    norm_unit_offset: bool = False
+    """RMSNorm scales by (1 + w), w stored zero-initialised, and multiplies before casting back (Gemma)."""
+    sandwich_norms: bool = False
+    """Gemma 2/3's block: x + post_attn_norm(attn(input_norm(x))), then h + post_ff_norm(mlp(pre_ff_norm(h)))
+    (the post_attention_layernorm then normalises the attention output, as in Hugging Face's Gemma)."""
+    scale_embeddings: bool = False
+    """Multiply the token embeddings by sqrt(hidden_size), rounded to the compute dtype (Gemma)."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scores are scaled by query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 (Gemma)."""
+    attn_logit_softcapping: float | None = None
+    """Attention scores become cap * tanh(score / cap) before the mask and softmax (Gemma 2: 50)."""
+    final_logit_softcapping: float | None = None
+    """Output logits become cap * tanh(logit / cap), inside the fused log-prob kernels (Gemma 2: 30)."""
+    rope_local_theta: float | None = None
+    """Rotary base of the sliding-window layers, which then take no rope_scaling (Gemma 3: 10000, while
+    rope_theta and rope_scaling apply to the global layers)."""
     sliding_window: int | None = None
     """Keys further than this many tokens back are invisible in 'sliding_attention' layers."""
     layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
     """Per-layer attention kind; None means every layer slides when sliding_window is set, else full."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of linear and embedding weights."""
-    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"] = "llama"
     """Hugging Face architecture this model exports as (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-    Qwen3ForCausalLM)."""
+    Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)."""
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -106,6 +124,12 @@ class TransformerConfig:
             )
         if self.sliding_window is None and self.layer_types and "sliding_attention" in self.layer_types:
             raise ValueError("layer_types contains 'sliding_attention' but sliding_window is not set")
+
+    def layer_theta(self, layer: int) -> tuple[float, "RopeScaling | None"]:
+        """Rotary base and scaling of ``layer``: Gemma 3's sliding layers have their own base, unscaled."""
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer``, or None for full causal attention."""

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``config.json``, weights as ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``, and optionally tokenizer files with a chat template. Supported:
-LlamaForCausalLM (Llama 2 and 3.x), MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM. A config field this engine does not implement
+LlamaForCausalLM (Llama 2 and 3.x), MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+Gemma2ForCausalLM and Gemma3ForCausalLM (text-only Gemma 3, model_type gemma3_text). A config field this engine does not implement
 (another rope type, an activation other than SiLU, dropout...) fails loudly instead of loading a model
 that computes something else.
 """
@@ -29,7 +30,18 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+GEMMA = ("gemma2", "gemma3_text")
+_CLASSIFIERS = {"gemma3_text": "Gemma3TextForSequenceClassification"}  # Gemma3ForSequenceClassification is multimodal
+
+
+def architecture(family: str, head: str = "ForCausalLM") -> str:
+    """The Hugging Face class name of ``family`` with ``head`` (ForCausalLM, ForSequenceClassification)."""
+    if head == "ForSequenceClassification" and family in _CLASSIFIERS:
+        return _CLASSIFIERS[family]
+    return ARCHITECTURES[family].removesuffix("ForCausalLM") + head
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _HF_PREFIX = "model."
@@ -45,19 +57,29 @@ def _require(ok: bool, path: Path | str, message: str) -> None:
 
 
 def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "ForCausalLM") -> TransformerConfig:
-    """Map a transformers Llama/Mistral/Qwen2/Qwen3 config object to ``TransformerConfig``. ``head``: the
-    architecture suffix expected (``ForSequenceClassification`` for reward models)."""
+    """Map a transformers Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3 config object to ``TransformerConfig``.
+    ``head``: the architecture suffix expected (``ForSequenceClassification`` for reward models)."""
     family = hf.model_type
     _require(family in ARCHITECTURES, source, f"model_type {family!r} is not supported; "
              f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    expected = ARCHITECTURES[family].removesuffix("ForCausalLM") + head
+    expected = architecture(family, head)
     archs = getattr(hf, "architectures", None) or [expected]
     _require(archs == [expected], source, f"architectures {archs} not supported; expected [{expected!r}]")
-    _require(hf.hidden_act == "silu", source, f"hidden_act {hf.hidden_act!r} not supported (only 'silu')")
+    gemma = family in GEMMA
+    act = getattr(hf, "hidden_activation", None) if gemma else hf.hidden_act
+    _require(act == ("gelu_pytorch_tanh" if gemma else "silu"), source,
+             f"hidden activation {act!r} not supported (Gemma: 'gelu_pytorch_tanh', others: 'silu')")
+    _require(not getattr(hf, "use_bidirectional_attention", False), source, "bidirectional attention is not supported")
     _require(not getattr(hf, "attention_dropout", 0.0), source, "attention_dropout > 0 is not supported")
     _require(getattr(hf, "pretraining_tp", 1) == 1, source, "pretraining_tp != 1 is not supported")
 
     rope = dict(getattr(hf, "rope_parameters", None) or {})
+    local_theta = None
+    if family == "gemma3_text":  # one rotary set per layer type: local (sliding) layers unscaled
+        local = dict(rope.get("sliding_attention") or {})
+        _require(local.get("rope_type", "default") == "default", source, "Gemma 3's local rope must be 'default'")
+        local_theta = float(local.get("rope_theta", 10000.0))
+        rope = dict(rope.get("full_attention") or {})
     rope_theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     scaling = None
@@ -87,6 +109,8 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
             sliding_window, layer_types = None, None
     elif family == "llama":
         sliding_window, layer_types = None, None
+    elif gemma and sliding_window is None:
+        layer_types = None
     if layer_types is not None and sliding_window is None:
         layer_types = None  # transformers writes ['full_attention', ...] even without a window
     return TransformerConfig(
@@ -105,7 +129,15 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "gemma3_text"),
+        hidden_act="gelu_tanh" if gemma else "silu",
+        norm_unit_offset=gemma,
+        sandwich_norms=gemma,
+        scale_embeddings=gemma,
+        query_pre_attn_scalar=float(hf.query_pre_attn_scalar) if gemma else None,
+        attn_logit_softcapping=getattr(hf, "attn_logit_softcapping", None) if gemma else None,
+        final_logit_softcapping=getattr(hf, "final_logit_softcapping", None) if gemma else None,
+        rope_local_theta=local_theta,
         sliding_window=sliding_window,
         layer_types=list(layer_types) if layer_types is not None else None,
         initializer_range=getattr(hf, "initializer_range", 0.02),
@@ -114,8 +146,11 @@ def config_from_hf(hf: Any, source: Path | str = "<config>", *, head: str = "For
 
 
 def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **token_ids: Any):
-    """A transformers config object for ``cfg`` (LlamaConfig, MistralConfig, Qwen2Config or Qwen3Config)."""
+    """A transformers config object for ``cfg`` (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+    Gemma2Config or Gemma3TextConfig)."""
     from transformers import (  # lazy: transformers is slow to import
+        Gemma2Config,
+        Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
@@ -147,10 +182,30 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **t
         **token_ids,
     )
     where = f"exporting as {ARCHITECTURES[cfg.family]}"
-    _require(cfg.qk_norm == (cfg.family == "qwen3"), where, "query/key norms are Qwen3's (family='qwen3') and only its")
+    _require(cfg.qk_norm == (cfg.family in ("qwen3", "gemma3_text")), where,
+             "query/key norms are Qwen3's and Gemma 3's (family='qwen3' or 'gemma3_text') and only theirs")
+    gemma = cfg.family in GEMMA
+    _require((cfg.hidden_act == "gelu_tanh", cfg.norm_unit_offset, cfg.sandwich_norms, cfg.scale_embeddings) == (gemma,) * 4,
+             where, "GeGLU, (1 + w) norms, sandwich norms and scaled embeddings come together, in Gemma only")
+    _require(gemma or (cfg.query_pre_attn_scalar, cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (None,) * 3,
+             where, "query_pre_attn_scalar and logit softcapping are Gemma's")
+    _require(cfg.rope_local_theta is None or cfg.family == "gemma3_text", where, "rope_local_theta is Gemma 3's")
     sliding = cfg.sliding_window is not None
+    kinds = cfg.layer_types or [("sliding_attention" if sliding else "full_attention")] * cfg.num_layers
     windows = dict(use_sliding_window=sliding, sliding_window=cfg.sliding_window, max_window_layers=cfg.num_layers,
-                   layer_types=cfg.layer_types or [("sliding_attention" if sliding else "full_attention")] * cfg.num_layers)
+                   layer_types=kinds)
+    if gemma:
+        common.pop("hidden_act")
+        _require(cfg.qkv_bias == cfg.o_bias and not cfg.mlp_bias, where, "Gemma has one attention_bias for q/k/v/o")
+        extra = dict(hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window,
+                     layer_types=kinds, query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
+                     attn_logit_softcapping=cfg.attn_logit_softcapping,
+                     final_logit_softcapping=cfg.final_logit_softcapping)
+        if cfg.family == "gemma2":
+            return Gemma2Config(**extra, **common)
+        common["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta}}
+        return Gemma3TextConfig(**extra, **common)
     if cfg.family == "qwen3":
         _require(cfg.qkv_bias == cfg.o_bias and not cfg.mlp_bias, where,
                  "Qwen3 has one attention_bias for q/k/v/o and no MLP bias")
@@ -169,6 +224,10 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32, **t
     common.pop("head_dim")
     _require(cfg.head_dim == cfg.hidden_size // cfg.num_heads, where, "Qwen2 requires head_dim = hidden/heads")
     return Qwen2Config(**windows, **common)
+
+
+def _int_if_whole(x: float | None) -> float | int | None:
+    return int(x) if x is not None and float(x).is_integer() else x  # transformers' Gemma configs want an int
 
 
 def _hf_to_ours(name: str) -> str:

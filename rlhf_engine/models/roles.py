@@ -282,9 +282,9 @@ class RoleModel(nn.Module):
         if first:
             if self.trunk is not None:
                 with torch.no_grad():
-                    x = self.trunk.embed_tokens(x)  # (B, S, D)
+                    x = self.trunk.embed(x)  # (B, S, D)
             else:  # k = 0: every head starts from the tokens with its own embedding
-                x = {r.value: self._in_mode(r, self.head(r).embed_tokens, x) for r in roles}
+                x = {r.value: self._in_mode(r, self.head(r).embed, x) for r in roles}
         part = self.trunk if self.trunk is not None else self.head(roles[0])
         ctx = part.layer_context(x if torch.is_tensor(x) else next(iter(x.values())), positions=positions,
                                  document_ids=document_ids)
@@ -330,10 +330,12 @@ class RoleModel(nn.Module):
         if Role.POLICY in hidden:
             w, offset, group = local_vocab_shard(self.head(Role.POLICY).output_weight)  # LoRA: W + s B A
             res = linear_logprob(hidden[Role.POLICY], w, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                 temperature=temperature, tp_group=group, vocab_offset=offset)
+                                 temperature=temperature, tp_group=group, vocab_offset=offset,
+                                 softcap=self.config.final_logit_softcapping)
         else:
             res = linear_logprob(None, None, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                 temperature=temperature, tp_group=ref_group, vocab_offset=ref_offset)
+                                 temperature=temperature, tp_group=ref_group, vocab_offset=ref_offset,
+                                 softcap=self.config.final_logit_softcapping)
         return {"logp": res.logp, "entropy": res.entropy, "is_argmax": res.is_argmax, "ref_logp": res.ref_logp,
                 "kl": res.kl}
 

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config.model import LoRAConfig
-from .hf import _weight_files, _write_shards, atomic_directory, config_from_hf, config_to_hf
+from .hf import _weight_files, _write_shards, architecture, atomic_directory, config_from_hf, config_to_hf
 from .lora import apply_lora, fresh_adapter, is_adapter, merge_lora_state
 from .roles import RoleHead
 from .transformer import LayerSpec, Transformer, TransformerConfig
@@ -110,9 +110,9 @@ class ScoreModel(nn.Module):
         if first:
             if self.trunk is not None:
                 with torch.no_grad():
-                    x = self.trunk.embed_tokens(x)  # (B, S, D)
+                    x = self.trunk.embed(x)  # (B, S, D)
             else:
-                x = self.head.embed_tokens(x)
+                x = self.head.embed(x)
         ctx = (self.trunk if self.trunk is not None else self.head).layer_context(x, positions=positions, document_ids=document_ids)
         if trunk_part:
             with torch.no_grad():  # frozen: no graph through the trunk
@@ -139,7 +139,7 @@ def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: A
     for k, v in model.full_state_dict().items():
         state[k if k.startswith("score.") else f"model.{k}"] = v.detach().float().cpu().contiguous()
     hf_cfg = config_to_hf(TransformerConfig(**{**cfg.__dict__, "tie_word_embeddings": False}), torch.float32, **token_ids)
-    hf_cfg.architectures = [hf_cfg.architectures[0].replace("ForCausalLM", "ForSequenceClassification")]
+    hf_cfg.architectures = [architecture(cfg.family, "ForSequenceClassification")]
     hf_cfg.num_labels = model.num_outputs
     if labels is not None:
         if len(labels) != model.num_outputs:

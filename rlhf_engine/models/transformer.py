@@ -1,8 +1,10 @@
 """Llama-family decoder: the math only (no parallelism, no precision policy, no backends).
 
-Covers Llama 2/3.x, Mistral, Qwen2 and Qwen3 checkpoints: RMSNorm, rotary embeddings (rope_theta, linear
-and Llama-3 frequency scaling), SwiGLU, grouped- and multi-query attention, tied or untied embeddings,
-optional attention biases (Qwen2 puts them on q/k/v only), per-head query/key RMSNorm (Qwen3),
+Covers Llama 2/3.x, Mistral, Qwen2, Qwen3 and Gemma 2/3 checkpoints: RMSNorm (Gemma's (1 + w) form too),
+rotary embeddings (rope_theta, linear and Llama-3 frequency scaling, a separate base for Gemma 3's local
+layers), SwiGLU or GeGLU, grouped- and multi-query attention, tied or untied embeddings (scaled by
+sqrt(D) in Gemma), optional attention biases (Qwen2 puts them on q/k/v only), per-head query/key RMSNorm
+(Qwen3, Gemma 3), Gemma's sandwich norms, query_pre_attn_scalar and attention/final logit softcapping,
 sliding-window attention per layer.
 
 Inputs may be *packed*: several documents per row, marked by ``document_ids``; attention is causal
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -38,25 +41,34 @@ __all__ = ["KVCache", "LayerContext", "LayerSpec", "RopeScaling", "Transformer",
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (Zhang & Sennrich 2019)."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (Zhang & Sennrich 2019).
+    ``unit_offset`` (Gemma): y = (1 + w) * x / sqrt(...), w starting at 0, multiplied in fp32 before the cast."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x32.to(dtype)
 
 
-def rope_inv_freq(cfg: TransformerConfig) -> torch.Tensor:
-    """Rotary inverse frequencies theta^(-2i/d), i < d/2, with the configured scaling. (d/2,) fp32."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = cfg.rope_scaling
+def make_norm(spec: "LayerSpec", cfg: TransformerConfig, dim: int) -> nn.Module:
+    """The configured RMSNorm over ``dim`` through the layer spec (Gemma's (1 + w) form when asked)."""
+    if cfg.norm_unit_offset:
+        return spec.norm(dim, eps=cfg.rms_norm_eps, unit_offset=True)
+    return spec.norm(dim, eps=cfg.rms_norm_eps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, sc: RopeScaling | None) -> torch.Tensor:
+    """Rotary inverse frequencies theta^(-2i/d), i < d/2, with the given scaling. (d/2,) fp32."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if sc is None:
         return inv_freq
     if sc.rope_type == "linear":
@@ -90,17 +102,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, mask, *, scale=None, softcap=None) -> (B, h, S, d)
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+    scale: float | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention through torch SDPA. q (B, h, S, d), k/v (B, kvh, Sk, d), mask (B, 1, S, Sk)
-    boolean (True = visible) or None for plain causal attention with S == Sk."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    """Softmax attention. q (B, h, S, d), k/v (B, kvh, Sk, d), mask (B, 1, S, Sk) boolean (True = visible)
+    or None for plain causal attention with S == Sk; ``scale`` defaults to d^-1/2. Through torch SDPA,
+    except with ``softcap`` (Gemma 2: scores become cap * tanh(score / cap) before the mask), which SDPA
+    cannot express: then the scores are materialized, softmax in fp32."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1], scale=scale)
+    if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves h / kvh query heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap  # (B, h, S, Sk)
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 @dataclass(frozen=True)
@@ -121,9 +144,11 @@ class Attention(nn.Module):
         self.k_proj = spec.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = spec.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = spec.linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        # Qwen3: one RMSNorm over head_dim, applied to every query (key) head before the rotary embedding
-        self.q_norm = spec.norm(cfg.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = spec.norm(cfg.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+        # Qwen3, Gemma 3: one RMSNorm over head_dim, applied to every query (key) head before the rotary embedding
+        self.q_norm = make_norm(spec, cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(spec, cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar is not None else None
+        self.softcap = cfg.attn_logit_softcapping
         self.attention = spec.attention
 
     def forward(
@@ -145,34 +170,44 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # (B, kvh, Sk, d) including the past
-        out = self.attention(q, k, v, mask)  # (B, h, S, d)
+        out = self.attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # (B, h, S, d)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+    """down(act(gate(x)) * up(x)) (Shazeer 2020): SwiGLU with silu, GeGLU with tanh-approximated GELU (Gemma)."""
 
     def __init__(self, cfg: TransformerConfig, spec: LayerSpec) -> None:
         super().__init__()
+        self.act = F.silu if cfg.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
         self.gate_proj = spec.linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = spec.linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = spec.linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)) (Hugging Face's Llama names the second norm
+    post_attention_layernorm). With ``sandwich_norms`` (Gemma 2/3): x + post_attention_layernorm(attn(
+    input_layernorm(x))), then h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))."""
 
     def __init__(self, cfg: TransformerConfig, layer: int, spec: LayerSpec) -> None:
         super().__init__()
-        self.input_layernorm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(spec, cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg, layer, spec)
-        self.post_attention_layernorm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(spec, cfg, cfg.hidden_size)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(spec, cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = make_norm(spec, cfg, cfg.hidden_size)
         self.mlp = SwiGLU(cfg, spec)
 
     def forward(self, x, cos, sin, mask, cache):
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -266,12 +301,17 @@ class KVCache:
 
 @dataclass
 class LayerContext:
-    """What every decoder layer of one forward shares: rotary tables (B, S, d), masks per window, the cache."""
+    """What every decoder layer of one forward shares: rotary tables (B, S, d) per rotary base (one, or
+    Gemma 3's global and local), masks per window, the cache."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rope: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (cos, sin)
     masks: Callable[[int | None], torch.Tensor | None]
     kv_cache: KVCache | None = None
+
+
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) (Gemma 2's final logit softcapping), or the logits unchanged."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def local_vocab_shard(weight: torch.Tensor) -> tuple[torch.Tensor, int, "torch.distributed.ProcessGroup | None"]:
@@ -317,17 +357,27 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embedding else None
         layers = range(cfg.num_layers) if layers is None else layers
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in layers})
-        self.norm = spec.norm(cfg.hidden_size, eps=cfg.rms_norm_eps) if final_norm else None
+        self.norm = make_norm(spec, cfg, cfg.hidden_size) if final_norm else None
         untied = lm_head and not (cfg.tie_word_embeddings and embedding)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if untied else None
         # Rotary frequencies: fp32 per device, outside the state dict and out of reach of .to(dtype),
         # which would round a buffer to bf16.
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq: dict[tuple[torch.device, float], torch.Tensor] = {}
 
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        return self._inv_freq[device]
+    def inv_freq(self, device: torch.device, layer: int = 0) -> torch.Tensor:
+        """(d/2,) rotary inverse frequencies of ``layer`` (all layers share them but in Gemma 3)."""
+        theta, scaling = self.config.layer_theta(layer)
+        key = (device, theta)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(self.config.head_dim, theta, scaling).to(device)
+        return self._inv_freq[key]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, S, D), times sqrt(D) rounded to their dtype with ``scale_embeddings`` (Gemma)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -345,8 +395,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
+            elif "norm" in name:  # unit scale: w = 1, or w = 0 in Gemma's (1 + w) form
+                nn.init.zeros_(p) if self.config.norm_unit_offset else nn.init.ones_(p)
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
 
@@ -367,7 +417,7 @@ class Transformer(nn.Module):
         forward (FSDP2) hold the LM head while it is used; under tensor parallelism the local
         vocabulary shard, its offset and the group come from the sharded weight.
         """
-        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids  # (B, S, D)
+        x = self.embed(input_ids) if self.embed_tokens is not None else input_ids  # (B, S, D)
         ctx = self.layer_context(x, shape_of=input_ids, positions=positions, document_ids=document_ids,
                                  kv_cache=kv_cache)
         x = self.run_layers(x, ctx)
@@ -391,7 +441,7 @@ class Transformer(nn.Module):
         ``first``, ``layers``, and the final norm and output if ``last``; the same pieces as forward,
         so a stage computes exactly what the whole model computes there."""
         if first:
-            x = self.embed_tokens(x)
+            x = self.embed(x)
         ctx = self.layer_context(x, positions=positions, document_ids=document_ids)
         x = self.run_layers(x, ctx, layers)
         return self.finish(x, targets=targets, temperature=temperature) if last else x
@@ -419,13 +469,21 @@ class Transformer(nn.Module):
                 positions = document_positions(document_ids)
             else:
                 positions = torch.arange(S, device=x.device).expand(B, S)
-        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # (B, S, d) each
-        return LayerContext(cos, sin, masks, kv_cache)
+        tables: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def rope(layer: int) -> tuple[torch.Tensor, torch.Tensor]:  # (B, S, d) each, built once per base
+            theta = self.config.layer_theta(layer)[0]
+            if theta not in tables:
+                tables[theta] = rope_cos_sin(self.inv_freq(x.device, layer), positions, x.dtype)
+            return tables[theta]
+
+        return LayerContext(rope, masks, kv_cache)
 
     def run_layers(self, x: torch.Tensor, ctx: "LayerContext", layers: Sequence[int] | None = None) -> torch.Tensor:
         """The residual stream (B, S, D) through ``layers`` (global indices; default: all this slice holds)."""
         for index in (self.layers if layers is None else map(str, layers)):
-            x = self.layers[index](x, ctx.cos, ctx.sin, ctx.masks(self.config.layer_window(int(index))), ctx.kv_cache)
+            i = int(index)
+            x = self.layers[index](x, *ctx.rope(i), ctx.masks(self.config.layer_window(i)), ctx.kv_cache)
         return x
 
     def finish(
@@ -439,7 +497,8 @@ class Transformer(nn.Module):
         if targets is None:
             return hidden
         weight, offset, group = local_vocab_shard(self.output_weight)
-        return linear_logprob(hidden, weight, targets, temperature=temperature, tp_group=group, vocab_offset=offset)
+        return linear_logprob(hidden, weight, targets, temperature=temperature, tp_group=group, vocab_offset=offset,
+                              softcap=self.config.final_logit_softcapping)
 
     def _mask_builder(self, B, S, device, document_ids, kv_cache) -> Callable[[int | None], torch.Tensor | None]:
         """Returns window -> mask, building each distinct mask once per forward."""
@@ -464,4 +523,4 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Materialized logits (..., V). For tests, generation of tiny models and oracles only:
         training and scoring go through rlhf_kernels, which never builds this tensor."""
-        return F.linear(hidden, self.output_weight)
+        return softcap_logits(F.linear(hidden, self.output_weight), self.config.final_logit_softcapping)

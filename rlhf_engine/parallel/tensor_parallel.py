@@ -102,7 +102,11 @@ def _shard(model, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
         if sp:
             plan.update({
                 "input_layernorm": SequenceParallel(),
-                "post_attention_layernorm": SequenceParallel(),
+                # Gemma's sandwich: post_attention_layernorm and post_feedforward_layernorm normalise a block's
+                # output before the residual add, so they hand back local tensors like the residual's
+                "post_attention_layernorm": SequenceParallel(use_local_output=layer.sandwich),
+                **({"pre_feedforward_layernorm": SequenceParallel(),
+                    "post_feedforward_layernorm": SequenceParallel(use_local_output=True)} if layer.sandwich else {}),
                 # attention gets (x, cos, sin, mask, cache); only x is sequence-sharded
                 "self_attn": styles.gather_input("self_attn", ("q_proj", "k_proj", "v_proj"), extra_args=4),
                 "mlp": styles.gather_input("mlp", ("gate_proj", "up_proj"), extra_args=0),

@@ -38,7 +38,7 @@ from ..data.chat import Message, pad_id, prompt_ids
 from ..data.packing import PAD_DOCUMENT
 from ..data.prompts import PromptRow, prompt_item
 from ..models.hf import load_hf_model, load_tokenizer
-from ..models.transformer import DecoderLayer, KVCache, local_vocab_shard
+from ..models.transformer import DecoderLayer, KVCache, local_vocab_shard, softcap_logits
 
 
 def sample_next(
@@ -68,10 +68,11 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def full_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(B, D) x LM head -> (B, V) fp32 logits; a vocabulary-sharded head is gathered across its group."""
+def full_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """(B, D) x LM head -> (B, V) fp32 logits (softcapped for Gemma 2); a vocabulary-sharded head is
+    gathered across its group."""
     local, _, group = local_vocab_shard(weight)
-    logits = F.linear(hidden, local).float()  # (B, V / tp)
+    logits = softcap_logits(F.linear(hidden, local).float(), softcap)  # (B, V / tp)
     if group is None:
         return logits
     parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
@@ -209,7 +210,7 @@ def generate(
     if progress is not None:
         progress.start(max_new_tokens)
     for i in range(max_new_tokens):
-        logits = full_logits(hidden, weight)  # (B, V) fp32
+        logits = full_logits(hidden, weight, model.config.final_logit_softcapping)  # (B, V) fp32
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(1, token[:, None])[:, 0]
         live = ~done

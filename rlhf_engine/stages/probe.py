@@ -40,7 +40,7 @@ POOLINGS = ("last", "mean")
 def cut_features(model: Transformer, seqs: Sequences) -> list[dict[str, torch.Tensor]]:
     """Per cut k = 0 .. L-1: {"last": (R, D), "mean": (R, D)} of the residual stream after k layers."""
     model.eval()
-    x = model.embed_tokens(seqs.input_ids)  # (B, S, D)
+    x = model.embed(seqs.input_ids)  # (B, S, D)
     ctx = model.layer_context(x, document_ids=seqs.document_ids)
     # response tokens: those a label points at (labels[t] is token t + 1 on responses)
     response = torch.zeros_like(seqs.labels, dtype=torch.bool)

@@ -45,7 +45,7 @@ def test_export_replaces_existing_directory_atomically(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("hidden_act", "gelu", "hidden_act 'gelu' not supported"),
+    ("hidden_act", "gelu", "hidden activation 'gelu' not supported"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 64}, "rope_type 'yarn' is not supported"),
     ("attention_dropout", 0.1, "attention_dropout > 0"),

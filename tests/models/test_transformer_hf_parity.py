@@ -1,10 +1,12 @@
-"""Our decoder against transformers' own Llama 2/3.x, Mistral, Qwen2 and Qwen3 on the same random weights
-(fp32 oracle): logits, export round trip, KV-cache decoding, packing, greedy generation against ``generate``."""
+"""Our decoder against transformers' own Llama 2/3.x, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 on the same
+random weights (fp32 oracle): logits, export round trip, KV-cache decoding, packing, greedy generation
+against ``generate``."""
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from rlhf_engine.models import load_hf_model, save_hf_model
 from rlhf_engine.models.transformer import KVCache
@@ -63,8 +65,27 @@ def qwen3_bias_windows():  # attention_bias on q/k/v/o, per-layer sliding window
     return Qwen3ForCausalLM(cfg)
 
 
+GEMMA_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def gemma2_softcaps(vocab_size=97):  # GeGLU, (1 + w) sandwich norms, scaled embeddings, query_pre_attn_scalar
+    # != head_dim, attention and final logit softcaps small enough to bend most scores, alternating windows, tied
+    cfg = Gemma2Config(**{**TINY, "vocab_size": vocab_size}, num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                       attn_logit_softcapping=2.0, final_logit_softcapping=1.5, sliding_window=4, layer_types=GEMMA_LAYERS)
+    return Gemma2ForCausalLM(cfg)
+
+
+def gemma3_local_rope():  # + per-head (1 + w) q/k norms, a separate rotary base for the local layers and
+    # linear scaling on the global ones, no softcaps (Gemma 3's defaults)
+    cfg = Gemma3TextConfig(**TINY, num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=5, layer_types=GEMMA_LAYERS, rope_parameters={
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})
+    return Gemma3ForCausalLM(cfg)
+
+
 BUILDERS = [llama_gqa, llama_mqa_bias, llama3_2_tied, mistral_window, qwen2_tied, qwen2_mixed_windows, qwen3_qk_norm,
-            qwen3_bias_windows]
+            qwen3_bias_windows, gemma2_softcaps, gemma3_local_rope]
 
 
 def _random_hf(builder, seed=0):
@@ -148,3 +169,64 @@ def test_greedy_generation_matches_transformers_generate(pair):
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                            pad_token_id=0)[0, len(prompt):].tolist()
         assert out == want
+
+
+def _targets(ids):
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    return targets
+
+
+def test_fused_logprobs_and_role_heads_match_transformers_log_softmax(pair):
+    """The fused kernels' log-probs (Gemma 2's final softcap inside them) and those of RL role heads over a
+    shared trunk (Gemma's scaled embeddings in the trunk) against log_softmax of transformers' logits."""
+    from rlhf_engine.models import Role, RoleModel
+
+    hf, ours, _ = pair
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    targets = _targets(ids)
+    want = torch.log_softmax(_hf_logits(hf, ids), -1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    want = want * (targets != -100)
+    roles = RoleModel.from_sft(ours, 1, roles=(Role.POLICY, Role.REFERENCE))
+    with torch.no_grad():
+        fused = ours(ids, targets=targets).logp
+        out = roles(ids, targets=targets)
+    for got in (fused, out.logp, out.ref_logp):
+        assert (got - want).abs().max() <= 1e-5
+
+
+def _tp_gemma_body():
+    import tempfile
+
+    import torch.distributed as dist
+
+    from rlhf_engine.parallel import ParallelDims, apply_tensor_parallel
+
+    where = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:  # transformers writes from the main process only: rank 0 saves, every rank loads
+        _random_hf(lambda: gemma2_softcaps(vocab_size=96)).save_pretrained(where[0])  # tp2 splits the vocabulary
+    dist.broadcast_object_list(where)
+    path = where[0]
+    plain, sharded = load_hf_model(path).eval(), load_hf_model(path).eval()
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, pp=1, tp=2, world_size=dist.get_world_size())
+    apply_tensor_parallel(sharded, dims.build_mesh("cpu")["tp"], sequence_parallel=True)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(6))
+    targets = _targets(ids)
+    a, b = plain(ids, targets=targets), sharded(ids, targets=targets)
+    assert (a.logp - b.logp).abs().max() <= 1e-5 and (a.entropy - b.entropy).abs().max() <= 1e-5
+    a.logp.sum().backward()
+    b.logp.sum().backward()
+    full = dict(sharded.named_parameters())
+    for name, p in plain.named_parameters():
+        g = full[name].grad
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
+        assert (g - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item()), name
+
+
+@pytest.mark.dist
+def test_gemma2_under_tp2_with_sequence_parallelism_equals_one_process():
+    """Softcapped attention on each rank's heads, the sandwich norms on the sequence-sharded residual, the
+    final softcap inside the vocabulary-parallel kernels: log-probs and every gradient as one process."""
+    from torchrun_helper import torchrun
+
+    torchrun(_tp_gemma_body, nproc=2)
