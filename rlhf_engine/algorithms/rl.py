@@ -145,7 +145,8 @@ def rl_objective(s: RLSettings) -> Objective:
         w = step_weights(b.mask, s.aggregation, totals, s.max_new_tokens)  # (n, T)
         kl_coef = b.kl_coef if s.kl_in == "loss" else 0.0
         old = out.logp.detach() if b.on_policy else b.old_logp
-        pol = ppo_policy_loss(out.logp, old, b.advantages, b.mask, clip_eps=clip, clip_eps_high=c.clip_eps_high
+        adv = b.advantages if b.is_weight is None else b.advantages * b.is_weight  # tis/mis: w * surrogate
+        pol = ppo_policy_loss(out.logp, old, adv, b.mask, clip_eps=clip, clip_eps_high=c.clip_eps_high
                               if s.algorithm.clip else None, dual_clip=c.dual_clip if s.algorithm.clip else None,
                               entropy=out.entropy, entropy_coef=c.entropy_coef, ref_logp=b.ref_logp, kl=out.kl,
                               kl_coef=kl_coef, kl_estimator=s.kl_estimator, kl_clamp=c.kl_clamp,

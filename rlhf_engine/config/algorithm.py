@@ -113,6 +113,17 @@ class RLConfig:
     log_ratio_clamp: float | None = None
     """Clamp log pi - log ref to [-c, c] before the estimator (keeps k3's exp finite); None (default):
     unclamped. verl uses 20."""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """Correct the sampler/trainer log-prob mismatch (``algorithms/mismatch.py``): tis weights each token's
+    policy-gradient term by min(rho, is_threshold), rho = pi_trainer / pi_sampler at the sampled token
+    (Yao et al. 2025); mis (masked IS, IcePop) keeps tokens with 1/is_threshold <= rho <= is_threshold,
+    weighted by rho, and drops the others from the loss and its token count."""
+    is_threshold: float = 2.0
+    """C of tis and mis (verl and ms-swift default to 2)."""
+    log_mismatch: bool = True
+    """Log rollout/mismatch_abs_mean, _abs_max and _kl every rollout. Runs with several steps per rollout
+    (PPO) have the trainer's log-probs anyway; one-step runs (GRPO) then add a policy forward to the
+    experience pass (off: no mismatch metrics, unless is_correction needs them)."""
     target_kl: float | None = None
     """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the rollout KL approaches this value."""
     kl_horizon: int = 10000
@@ -175,6 +186,8 @@ class RLConfig:
             raise ValueError("kl_clamp and log_ratio_clamp must be > 0 (or null: no clamp)")
         if self.clip_eps <= 0 or (self.dual_clip is not None and self.dual_clip <= 1):
             raise ValueError("clip_eps must be > 0 and dual_clip > 1")
+        if self.is_threshold <= 1:
+            raise ValueError("is_threshold must be > 1")
 
 
 @section

@@ -27,6 +27,7 @@ from ..algorithms.rl import RLSettings
 from ..config import RolloutConfig
 from ..data.packing import IGNORE_INDEX, PAD_DOCUMENT, PackedBatch
 from ..data.prompts import PromptItem, template_suffix
+from ..algorithms.mismatch import correction_weights, mismatch_sums
 from ..models.roles import Role, RoleModel
 from ..rewards import CombinedReward, Sample
 from .sampling import generate
@@ -52,6 +53,9 @@ class Rollout:
     responses: list[str]
     advantages: torch.Tensor | None = None  # (N, T), filled by the stream
     returns: torch.Tensor | None = None
+    is_weight: torch.Tensor | None = None  # (N, S) mismatch correction weights (algorithms/mismatch.py), or None
+    keep: torch.Tensor | None = None  # (N, S) bool: tokens masked IS keeps (None: all)
+    mismatch: dict[str, float] | None = None  # this rank's mismatch_sums, when measured
 
     @property
     def num_sequences(self) -> int:
@@ -84,6 +88,7 @@ class ExperienceBatch:
     trunk_states: torch.Tensor | None
     kl_coef: float
     on_policy: bool = False
+    is_weight: torch.Tensor | None = None  # (n, T) multiplies the advantages (tis, mis)
     ptx: PackedBatch | None = None
 
     def counts(self) -> dict[str, int]:
@@ -101,9 +106,10 @@ class ExperienceBatch:
     @classmethod
     def from_rollout(cls, r: Rollout, rows: torch.Tensor, kl_coef: float) -> "ExperienceBatch":
         pick = lambda t: t[rows] if t is not None else None  # noqa: E731
-        return cls(pick(r.input_ids), pick(r.document_ids), pick(r.targets), pick(r.mask), pick(r.old_logp),
+        mask = r.mask if r.keep is None else r.mask & r.keep  # masked IS: rejected tokens leave the loss and its count
+        return cls(pick(r.input_ids), pick(r.document_ids), pick(r.targets), pick(mask), pick(r.old_logp),
                    pick(r.ref_logp), pick(r.advantages), pick(r.values), pick(r.returns), pick(r.trunk_states), kl_coef,
-                   r.on_policy)
+                   r.on_policy, pick(r.is_weight))
 
 
 def response_targets(sequences: torch.Tensor, document_ids: torch.Tensor, prompt_length: int,
@@ -153,8 +159,15 @@ class ExperienceMaker:
         self.timings: dict[str, float] = {}  # seconds of the last rollout's phases (this rank)
 
     @property
+    def trainer_logprobs(self) -> bool:
+        """Whether the experience pass computes the policy's log-probs: always with several steps per
+        rollout (they are the old log-probs), and for the mismatch metrics or correction otherwise."""
+        c = self.s.cfg
+        return not self.on_policy or c.log_mismatch or c.is_correction != "none"
+
+    @property
     def roles(self) -> set[Role]:
-        roles = {Role.REFERENCE} if self.on_policy else {Role.POLICY, Role.REFERENCE}
+        roles = {Role.POLICY, Role.REFERENCE} if self.trainer_logprobs else {Role.REFERENCE}
         if self.s.critic:
             roles.add(Role.CRITIC)
         if self.reward_head_bias is not None:
@@ -193,8 +206,13 @@ class ExperienceMaker:
                       temperature=s.temperature)
         mask = targets.ne(IGNORE_INDEX)
         self.timings = {"generation_copy_s": t1 - t0, "generation_s": t2 - t1, "experience_s": time.perf_counter() - t2}
-        logp = sampled_logprobs(gen, targets.shape) if self.on_policy else out.logp.float()
-        logp, ref_logp = logp.to(mask.device) * mask, out.ref_logp.float() * mask
+        sampled = sampled_logprobs(gen, targets.shape).to(mask.device) * mask
+        trainer = out.logp.float() * mask if self.trainer_logprobs else None
+        logp, ref_logp = (sampled if self.on_policy else trainer), out.ref_logp.float() * mask
+        c = s.cfg
+        mismatch = mismatch_sums(trainer, sampled, mask) if trainer is not None and c.log_mismatch else None
+        is_weight, keep = (correction_weights(trainer, sampled, mask, c.is_correction, c.is_threshold)
+                           if trainer is not None else (None, None))
         if s.kl_estimator == "exact" and not self.on_policy:
             kl = out.kl.float() * mask
         else:
@@ -210,7 +228,8 @@ class ExperienceMaker:
         breakdown = self.reward(samples, preference_scores=learned)
         values = out.values.float() * mask if out.values is not None else None
         return Rollout(seqs, docs, targets, mask, logp, self.on_policy, ref_logp, kl, values, breakdown.total.to(seqs.device),
-                       breakdown.parts, gen.trunk_states if record else None, [p.text for p in items], texts)
+                       breakdown.parts, gen.trunk_states if record else None, [p.text for p in items], texts,
+                       is_weight=is_weight, keep=keep, mismatch=mismatch)
 
 
 def append_after_responses(seqs, docs, gen, ends: list[list[int]], pad_id: int):

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..algorithms.advantages import KLController, masked_whiten
+from ..algorithms.mismatch import mismatch_metrics
 from ..algorithms.rl import RLSettings, advantages
 from ..config import RunConfig
 from ..data.prompts import PromptItem
@@ -123,6 +124,9 @@ class ExperienceStream:
         n_global = float(totals[0])
         means = {k: float(v) / max(n_global, 1.0) for k, v in zip(keys, totals[1:].tolist())}
         self.kl.update(means["kl"], int(n_global))
+        if rollout.mismatch is not None:  # sampler vs trainer log-probs (algorithms/mismatch.py), over every rank
+            mm = self.rt.sum_over_dp(rollout.mismatch)
+            means.update(mismatch_metrics(mm, self.rt.max_over_ranks(rollout.mismatch["max"])))
         self.pending = {**{f"rollout/{k}": v for k, v in means.items()}, "rollout/kl_coef": beta,
                         "rollout/index": float(r), **{f"rollout/{k}": round(v, 4) for k, v in self.maker.timings.items()
                                                       if k != "generation_copy_s" or self.maker.generation_model}}

@@ -1,0 +1,82 @@
+"""Sampler/trainer log-prob mismatch: measured every rollout (0 for identical numerics, the exact size of a
+deliberate perturbation otherwise), and corrected by truncated or masked importance sampling."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from rlhf_engine.algorithms.mismatch import correction_weights, mismatch_metrics, mismatch_sums
+from test_rl_stage import _config, run_rl
+
+
+def _rollout_records(run, stage):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("stage") == stage and "rollout/mismatch_abs_mean" in r]
+
+
+def _perturbed_sampler(monkeypatch, shift):
+    """The sampler reports log-probs off by ``shift(i)`` at the i-th generated token (its tokens unchanged)."""
+    import rlhf_engine.rollout.experience as experience
+
+    real = experience.generate
+
+    def generate(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        gen.logprobs = [[lp + shift(i) for i, lp in enumerate(row)] for row in gen.logprobs]
+        return gen
+
+    monkeypatch.setattr(experience, "generate", generate)
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_mismatch_is_zero_for_identical_numerics_and_exact_under_a_perturbed_sampler(tmp_path, monkeypatch, name):
+    """GRPO (one step per rollout: the experience pass adds the policy forward) and PPO (epochs)."""
+    steps = ["trainer.max_steps=2", "algorithm.rl.epochs=1"]
+    run_rl(_config(tmp_path, name, *steps))
+    same = _rollout_records(tmp_path / name, name)
+    assert same and all(r["rollout/mismatch_abs_max"] <= 1e-5 and abs(r["rollout/mismatch_kl"]) <= 1e-9 for r in same)
+    _perturbed_sampler(monkeypatch, lambda i: 0.05 if i % 2 == 0 else -0.02)
+    (tmp_path / "perturbed").mkdir()
+    run_rl(_config(tmp_path / "perturbed", name, *steps))
+    off = _rollout_records(tmp_path / "perturbed" / name, name)
+    for r in off:  # trainer - sampler = -0.05 on even tokens, +0.02 on odd ones: means between the two
+        assert 0.02 - 1e-4 < r["rollout/mismatch_abs_mean"] < 0.05 + 1e-4
+        assert r["rollout/mismatch_abs_max"] == pytest.approx(0.05, abs=1e-4)
+        k3 = lambda d: math.expm1(d) - d  # noqa: E731
+        assert k3(0.02) - 1e-6 < r["rollout/mismatch_kl"] < k3(-0.05) + 1e-6
+
+
+def test_mismatch_metrics_and_tis_mis_weights_equal_a_hand_computation():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.0, -0.2, 0.0, 0.0]])
+    sampler = torch.tensor([[-1.0, -1.1, -1.5, -3.9], [-0.4, -0.2, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    d = [0.0, -0.9, 1.0, 0.9, -0.6, 0.0]  # trainer - sampler on the six response tokens
+    sums = mismatch_sums(trainer, sampler, mask)
+    m = mismatch_metrics(sums, sums["max"])
+    assert m["mismatch_abs_mean"] == pytest.approx(sum(map(abs, d)) / 6)
+    assert m["mismatch_abs_max"] == pytest.approx(1.0)
+    assert m["mismatch_kl"] == pytest.approx(sum(math.exp(x) - 1 - x for x in d) / 6)
+    rho = torch.tensor([[1.0, math.exp(-0.9), math.exp(1.0), math.exp(0.9)], [math.exp(-0.6), 1.0, 0.0, 0.0]])
+    w, keep = correction_weights(trainer, sampler, mask, "tis", 2.0)
+    assert keep is None and torch.allclose(w, rho.clamp(max=2.0))  # truncated at C: e and e^0.9 become 2
+    w, keep = correction_weights(trainer, sampler, mask, "mis", 2.0)
+    want_keep = torch.tensor([[True, False, False, False], [True, True, False, False]])  # 1/2 <= rho <= 2 only
+    assert torch.equal(keep, want_keep) and torch.allclose(w, rho * want_keep)
+    assert correction_weights(trainer, sampler, mask, "none", 2.0) == (None, None)
+
+
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+def test_mismatch_correction_trains_and_masked_tokens_leave_the_count(tmp_path, monkeypatch, mode):
+    """A sampler off by +-0.9 nats on alternate tokens (rho = e^-0.9 or e^0.9, both outside [1/2, 2]): tis
+    trains on every token with weights min(rho, 2); mis rejects them all, so no token is counted."""
+    _perturbed_sampler(monkeypatch, lambda i: 0.9 if i % 2 == 0 else -0.9)
+    s = run_rl(_config(tmp_path, "grpo", "trainer.max_steps=2", f"algorithm.rl.is_correction={mode}"))
+    assert s["finished"]
+    steps = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    if mode == "tis":
+        assert all(r["targets"] > 0 and r["grad_norm"] > 0 for r in steps)
+    else:
+        assert all(r["targets"] == 0 and r["grad_norm"] == 0 for r in steps), steps
