@@ -120,6 +120,11 @@ class RLConfig:
     weighted by rho, and drops the others from the loss and its token count."""
     is_threshold: float = 2.0
     """C of tis and mis (verl and ms-swift default to 2)."""
+    off_policy_steps: Literal[0, 1] = 0
+    """1: rollout t+1 is sampled by the policy as it was before training on rollout t, in a background
+    thread while the trainer trains on rollout t (one process); its experience pass then runs at the
+    current weights, whose log-probs are the PPO ratio's old ones, and is_correction (required) weights
+    each token by the trainer/sampler ratio. 0: every rollout is sampled by the current policy."""
     log_mismatch: bool = True
     """Log rollout/mismatch_abs_mean, _abs_max and _kl every rollout. Runs with several steps per rollout
     (PPO) have the trainer's log-probs anyway; one-step runs (GRPO) then add a policy forward to the
@@ -188,6 +193,8 @@ class RLConfig:
             raise ValueError("clip_eps must be > 0 and dual_clip > 1")
         if self.is_threshold <= 1:
             raise ValueError("is_threshold must be > 1")
+        if self.off_policy_steps and self.is_correction == "none":
+            raise ValueError("off_policy_steps=1 samples with the previous policy: set is_correction=tis or mis")
 
 
 @section

@@ -30,7 +30,7 @@ from ..data.prompts import PromptItem, template_suffix
 from ..algorithms.mismatch import correction_weights, mismatch_sums
 from ..models.roles import Role, RoleModel
 from ..rewards import CombinedReward, Sample
-from .sampling import generate
+from .sampling import Generation, generate
 
 
 @dataclass
@@ -70,6 +70,16 @@ class Rollout:
 
     def state(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Sampled:
+    """A rollout's generation before its experience pass (``ExperienceMaker.sample``)."""
+
+    items: list[PromptItem]  # one per sequence (group members consecutive)
+    gen: Generation
+    record: bool  # whether gen.trunk_states were recorded for the experience pass
+    timings: dict[str, float]
 
 
 @dataclass
@@ -174,14 +184,21 @@ class ExperienceMaker:
             roles.add(Role.REWARD)
         return roles
 
-    @torch.no_grad()
     def __call__(self, prompts: Sequence[PromptItem], generator: torch.Generator, *, group: int | None = None) -> Rollout:
+        return self.score(self.sample(prompts, generator, group=group))
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[PromptItem], generator: torch.Generator, *, group: int | None = None,
+               decoder: Any = None) -> Sampled:
+        """Generation only. ``decoder``: a model to decode with instead (e.g. ``snapshot()``'s copy, from a
+        background thread while the trainer updates ``model``, which this then never touches)."""
         model, r, s = self.model, self.rollout, self.s
         G = s.cfg.group if group is None else group
         items = [p for p in prompts for _ in range(G)]  # group members are consecutive
-        model.eval()
         t0 = time.perf_counter()
-        decoder = self.generation_model() if self.generation_model is not None else model
+        if decoder is None:
+            model.eval()
+            decoder = self.generation_model() if self.generation_model is not None else model
         t1 = time.perf_counter()
         if decoder is model:
             _unshard(model)
@@ -195,7 +212,26 @@ class ExperienceMaker:
         if decoder is model:
             _reshard(model)
         del decoder  # a generation copy is freed before the experience pass
+        return Sampled(items, gen, record, {"generation_copy_s": t1 - t0, "generation_s": time.perf_counter() - t1})
+
+    def snapshot(self) -> RoleModel:
+        """Trunk + policy head as they are now, copied (one process): what samples the next rollout while
+        the trainer updates this one (``algorithm.rl.off_policy_steps=1``)."""
+        model = self.model
+        with torch.device("meta"):
+            copy = RoleModel(model.config, model.trunk_layers, roles=(Role.POLICY,), lora=model.lora)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("trunk.", "heads.policy."))}
+        copy.load_state_dict(state, strict=True, assign=True)
+        return copy.eval()
+
+    @torch.no_grad()
+    def score(self, sampled: Sampled) -> Rollout:
+        """The experience pass over a generation, with the model as it is now, and the rewards."""
+        model, s = self.model, self.s
+        model.eval()
+        items, gen, record = sampled.items, sampled.gen, sampled.record
         t2 = time.perf_counter()
+        suffix = self.suffix if any(p.chat for p in items) else []
         seqs, docs = gen.sequences, gen.document_ids
         ends = [suffix if p.chat and why == "stop" else [] for p, why in zip(items, gen.finish_reasons)]
         if suffix:
@@ -205,7 +241,7 @@ class ExperienceMaker:
         out = forward(seqs, document_ids=docs, targets=targets, trunk_states=gen.trunk_states, roles=self.roles,
                       temperature=s.temperature)
         mask = targets.ne(IGNORE_INDEX)
-        self.timings = {"generation_copy_s": t1 - t0, "generation_s": t2 - t1, "experience_s": time.perf_counter() - t2}
+        self.timings = {**sampled.timings, "experience_s": time.perf_counter() - t2}
         sampled = sampled_logprobs(gen, targets.shape).to(mask.device) * mask
         trainer = out.logp.float() * mask if self.trainer_logprobs else None
         logp, ref_logp = (sampled if self.on_policy else trainer), out.ref_logp.float() * mask

@@ -25,6 +25,8 @@ exactly where it stopped.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,7 +40,7 @@ from ..config import RunConfig
 from ..data.prompts import PromptItem
 from ..data.streams import Step, StepTotals, shuffled
 from ..parallel.runtime import Runtime
-from .experience import ExperienceBatch, ExperienceMaker, Rollout
+from .experience import ExperienceBatch, ExperienceMaker, Rollout, Sampled
 
 
 class ExperienceStream:
@@ -67,7 +69,12 @@ class ExperienceStream:
                              f"micro_batch_size={t.micro_batch_size}")
         if len(self.prompts) < c.prompts_per_rollout:
             raise ValueError(f"{len(self.prompts)} training prompts < algorithm.rl.prompts_per_rollout={c.prompts_per_rollout}")
+        if c.off_policy_steps and (rt.mesh is not None or maker.generation_model is not None):
+            raise ValueError("algorithm.rl.off_policy_steps=1 overlaps sampling with training in one process; "
+                             "with several ranks it is not supported yet")
         self.kl = KLController(c.kl_coef, c.target_kl, c.kl_horizon)
+        self.next: tuple[int, Future | Sampled] | None = None  # off-policy: (rollout index, its generation)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if c.off_policy_steps else None
         self.rollout_index = 0  # rollouts collected so far
         self.index = 0  # next micro-batch of the current rollout's plan
         self.buffer: Rollout | None = None
@@ -102,7 +109,19 @@ class ExperienceStream:
     def collect(self) -> None:
         c = self.s.cfg
         r = self.rollout_index
-        rollout = self.maker(self.rollout_prompts(r), self._generator(r))
+        if self.executor is None:
+            rollout = self.maker(self.rollout_prompts(r), self._generator(r))
+        else:  # one step off-policy: rollout r was sampled while the trainer trained on r - 1
+            waited = time.perf_counter()
+            if self.next is not None and self.next[0] == r:
+                sampled = self.next[1].result() if isinstance(self.next[1], Future) else self.next[1]
+            else:  # the first rollout (or after a resume without a saved generation): sampled now
+                sampled = self.maker.sample(self.rollout_prompts(r), self._generator(r))
+            waited = time.perf_counter() - waited
+            rollout = self.maker.score(sampled)  # the experience pass at the current weights
+            self.maker.timings["generation_wait_s"] = waited
+            self.next = (r + 1, self.executor.submit(self.maker.sample, self.rollout_prompts(r + 1),
+                                                     self._generator(r + 1), decoder=self.maker.snapshot()))
         raw = rollout.scores.clone()
         scores = raw
         if c.reward_clip is not None:
@@ -185,11 +204,16 @@ class ExperienceStream:
         self.buffer, self.plans = None, []
 
     def rank_state(self) -> dict[str, Any] | None:
-        """This rank's rollout buffer (tensors), saved beside the checkpoint."""
+        """This rank's rollout buffer (tensors) and, off-policy, the next rollout's generation (waited for:
+        it was sampled by weights a resumed run no longer has), saved beside the checkpoint."""
         if self.buffer is None:
             return None
-        return {"buffer": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.buffer.state().items()},
-                "plans": self.plans}
+        state = {"buffer": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.buffer.state().items()},
+                 "plans": self.plans}
+        if self.next is not None:
+            index, sampled = self.next
+            state["next"] = (index, sampled.result() if isinstance(sampled, Future) else sampled)
+        return state
 
     def load_rank_state(self, state: dict[str, Any] | None) -> None:
         if state is None:
@@ -200,6 +224,7 @@ class ExperienceStream:
         b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["buffer"].items()}
         self.buffer = Rollout(**b)
         self.plans = list(state["plans"])
+        self.next = state.get("next")
 
 
 def make_all_done(rt: Runtime) -> Callable[[bool], bool] | None:

@@ -55,7 +55,8 @@ def ptx_stream(cfg: RunConfig, tokenizer, pad: int):
 def one_step_per_rollout(cfg: RunConfig, rt: Runtime) -> bool:
     c, t = cfg.algorithm.rl, cfg.trainer
     local = c.prompts_per_rollout // rt.dims.dp * c.group
-    return c.epochs == 1 and local == t.micro_batch_size * t.grad_accum_steps and c.kl_stop is None
+    return (c.epochs == 1 and local == t.micro_batch_size * t.grad_accum_steps and c.kl_stop is None
+            and not c.off_policy_steps)  # off-policy: the old log-probs are the trainer's, not the sampler's
 
 
 class RLEvaluator:
