@@ -1,0 +1,87 @@
+"""Benchmark: one-step off-policy GRPO (sampling rollout t+1 in a background thread while training on
+rollout t) against on-policy GRPO, side by side in one run, on the same tiny model and reward.
+
+    python benchmarks/bench_off_policy.py [--steps 20] [--max-new-tokens 48] [--layers 4] [--hidden 128]
+
+Variants: ``on_policy`` (algorithm.rl.off_policy_steps=0, one step per rollout) and ``off_policy_tis``
+(off_policy_steps=1, is_correction=tis). Measured from each run's own metrics: the median wall time of a
+step (rollout included), the mean time the trainer waited for the background generation, the peak
+memory the trainer logged, and the held-out reward before and after. Writes
+benchmarks/results/off_policy_<device>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from _bench import write_csv
+
+from rlhf_engine.config import load_config
+from rlhf_engine.rewards import REWARD_FUNCTIONS
+from rlhf_engine.stages.rl import run_rl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def low_ids(sample) -> float:
+    """The fraction of response tokens with an id below a quarter of the vocabulary."""
+    return sum(t < 128 for t in sample.response_ids) / max(len(sample.response_ids), 1)
+
+
+low_ids.on_samples = True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if "bench_low_ids" not in REWARD_FUNCTIONS:
+        REWARD_FUNCTIONS.register("bench_low_ids")(low_ids)
+    recipe = {
+        "model": {"architecture": {"vocab_size": 512, "hidden_size": args.hidden, "intermediate_size": 2 * args.hidden,
+                                   "num_layers": args.layers, "num_heads": 4, "max_position_embeddings": 256}},
+        "data": {"seq_len": 64 + args.max_new_tokens, "builtin_rows": 200, "eval_fraction": 0.1},
+        "optim": {"lr": 3.0e-3, "schedule": "constant"},
+        "algorithm": {"name": "grpo", "rl": {"prompts_per_rollout": 8, "group": 4, "kl_coef": 0.01}},
+        "rollout": {"max_new_tokens": args.max_new_tokens},
+        "reward": {"functions": {"bench_low_ids": 1.0}},
+        "trainer": {"max_steps": args.steps, "micro_batch_size": 8, "grad_accum_steps": 4, "eval_every": 0},
+        "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False},
+    }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        for variant, extra in (("on_policy", []), ("off_policy_tis", ["algorithm.rl.off_policy_steps=1",
+                                                                       "algorithm.rl.is_correction=tis"])):
+            out = Path(tmp) / variant
+            s = run_rl(load_config(path, [f"trainer.out_dir={out}", *extra]))
+            records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in records if "loss" in r]
+            times = [b["time_s"] - a["time_s"] for a, b in zip(steps, steps[1:])]
+            waits = [r["rollout/generation_wait_s"] for r in steps if "rollout/generation_wait_s" in r]
+            rows.append(dict(variant=variant, device=device, steps=args.steps,
+                             step_ms=round(1e3 * statistics.median(times), 1),
+                             generation_ms=round(1e3 * statistics.mean(r["rollout/generation_s"] for r in steps), 1),
+                             wait_ms=round(1e3 * statistics.mean(waits), 1) if waits else "",
+                             peak_mem_mb=max(r.get("peak_mem_mb", 0.0) for r in steps),
+                             reward_initial=round(s["eval_reward_initial"], 3),
+                             reward_final=round(s["eval_reward_final"], 3)))
+            print(rows[-1], flush=True)
+    print(f"off-policy step time: {rows[1]['step_ms'] / rows[0]['step_ms']:.2f}x on-policy")
+    write_csv(rows, args.out or RESULTS / f"off_policy_{device}.csv")
+
+
+if __name__ == "__main__":
+    main()
