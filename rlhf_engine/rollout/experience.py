@@ -242,12 +242,12 @@ class ExperienceMaker:
                       temperature=s.temperature)
         mask = targets.ne(IGNORE_INDEX)
         self.timings = {**sampled.timings, "experience_s": time.perf_counter() - t2}
-        sampled = sampled_logprobs(gen, targets.shape).to(mask.device) * mask
+        behaviour = sampled_logprobs(gen, targets.shape).to(mask.device) * mask  # the sampler's log-probs
         trainer = out.logp.float() * mask if self.trainer_logprobs else None
-        logp, ref_logp = (sampled if self.on_policy else trainer), out.ref_logp.float() * mask
+        logp, ref_logp = (behaviour if self.on_policy else trainer), out.ref_logp.float() * mask
         c = s.cfg
-        mismatch = mismatch_sums(trainer, sampled, mask) if trainer is not None and c.log_mismatch else None
-        is_weight, keep = (correction_weights(trainer, sampled, mask, c.is_correction, c.is_threshold)
+        mismatch = mismatch_sums(trainer, behaviour, mask) if trainer is not None and c.log_mismatch else None
+        is_weight, keep = (correction_weights(trainer, behaviour, mask, c.is_correction, c.is_threshold)
                            if trainer is not None else (None, None))
         if s.kl_estimator == "exact" and not self.on_policy:
             kl = out.kl.float() * mask
