@@ -203,6 +203,7 @@ def _tp_lora_body():
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_lora_under_tp2_equals_one_process():
     from torchrun_helper import torchrun
 

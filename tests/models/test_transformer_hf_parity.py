@@ -224,6 +224,7 @@ def _tp_gemma_body():
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_gemma2_under_tp2_with_sequence_parallelism_equals_one_process():
     """Softcapped attention on each rank's heads, the sandwich norms on the sequence-sharded residual, the
     final softcap inside the vocabulary-parallel kernels: log-probs and every gradient as one process."""
