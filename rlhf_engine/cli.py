@@ -9,6 +9,8 @@
     rlhf-engine quickstart [--out DIR]                          # pretrain -> SFT -> RM -> PPO -> report
     rlhf-engine pipeline --config configs/quickstart.yaml pipeline.rl_algorithm=grpo
     rlhf-engine iterate --config configs/iterate_tiny.yaml     # collect -> RM -> RL, repeated
+    rlhf-engine cai --config configs/cai_tiny.yaml             # critique -> revise -> SFT (Constitutional AI)
+    rlhf-engine rlaif --config configs/rlaif_tiny.yaml         # AI-labelled rankings with soft labels
     rlhf-engine data preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer runs/sft/hf
     rlhf-engine plan --config configs/gpt3_175b_ppo.yaml --world-size 1024 --json
 
@@ -83,6 +85,20 @@ def _pipeline(args: argparse.Namespace) -> int:
             "kl_final", "wall_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"report: {cfg.trainer.out_dir}/report.md", file=sys.stderr)
+    return 0
+
+
+def _constitutional(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "cai":
+        from .stages.cai import run_cai  # lazy: see _iterate
+
+        summary = run_cai(cfg)
+    else:
+        from .stages.rlaif import run_rlaif  # lazy: see _iterate
+
+        summary = run_rlaif(cfg)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -162,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     iterate.add_argument("--config", required=True, help="YAML recipe with an iterate: section")
     iterate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. iterate.rounds=3")
     iterate.set_defaults(func=_iterate)
+
+    cai = sub.add_parser("cai", help="Constitutional AI: critique-revision data from a constitution, then SFT on it")
+    cai.add_argument("--config", required=True, help="YAML recipe with a cai: section, e.g. configs/cai_tiny.yaml")
+    cai.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. cai.rounds=2")
+    cai.set_defaults(func=_constitutional)
+    rlaif = sub.add_parser("rlaif", help="RLAIF: an AI judge ranks responses under a constitution (soft labels for rm)")
+    rlaif.add_argument("--config", required=True, help="YAML recipe with an rlaif: section, e.g. configs/rlaif_tiny.yaml")
+    rlaif.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rlaif.comparison=kwise")
+    rlaif.set_defaults(func=_constitutional)
 
     plan = sub.add_parser("plan", help="dry run: per-rank memory of a layout on a fake mesh (no GPUs, no allocation)")
     plan.add_argument("--config", required=True, help="YAML recipe, e.g. configs/gpt3_175b_ppo.yaml")

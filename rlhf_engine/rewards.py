@@ -111,8 +111,11 @@ class CombinedReward:
     """The weighted reward above; models are frozen ``ScoreModel``s sharing the policy's tokenizer."""
 
     def __init__(self, cfg: RewardConfig, *, preference: ScoreModel | None = None, rules: ScoreModel | None = None,
-                 seq_len: int = 4096, pad_id: int = 0) -> None:
+                 seq_len: int = 4096, pad_id: int = 0, head_pooling: str = "last") -> None:
+        """``head_pooling``: how the preference scores of a reward head on the RL roles' shared trunk are
+        read (the reward model's pooling): at the last token, or the mean over the response tokens."""
         self.cfg, self.preference, self.rules = cfg, preference, rules
+        self.head_pooling = head_pooling
         self.seq_len, self.pad_id = seq_len, pad_id
         self.functions = {name: REWARD_FUNCTIONS[name] for name in cfg.functions}
         self.format = REWARD_FUNCTIONS[cfg.format] if cfg.format is not None else None
@@ -164,4 +167,4 @@ class CombinedReward:
     def _score(self, model: ScoreModel, seqs: Sequences) -> torch.Tensor:
         device = next(model.parameters()).device
         s = seqs.to(device)
-        return s.read_last(model(s.input_ids, document_ids=s.document_ids)).float().cpu()  # (N, outputs)
+        return s.read_score(model(s.input_ids, document_ids=s.document_ids), model.pooling).float().cpu()  # (N, outputs)

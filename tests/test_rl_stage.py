@@ -164,9 +164,11 @@ def test_reward_model_on_the_shared_trunk_becomes_the_reward_head_and_initialise
 
 
 @pytest.mark.slow
-def test_reward_head_on_the_shared_trunk_scores_like_the_separate_reward_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_reward_head_on_the_shared_trunk_scores_like_the_separate_reward_model(tmp_path, monkeypatch, pooling):
     """The stage loads an exported RM trained on the policy's trunk and runs it as the reward head; its
-    rewards equal those of the same RM run as a separate model (the path for an RM on another trunk)."""
+    rewards equal those of the same RM run as a separate model (the path for an RM on another trunk),
+    whether the RM reads the last token or the mean over the response."""
     from rlhf_engine.data.builtin import demo_conversations
     from rlhf_engine.data.tokenizer import train_bpe_tokenizer
     from rlhf_engine.rollout import assembly
@@ -175,7 +177,7 @@ def test_reward_head_on_the_shared_trunk_scores_like_the_separate_reward_model(t
     tok.save_pretrained(tmp_path / "tok")
     sft = Transformer(TransformerConfig(**BASE["model"]["architecture"]))
     sft.reset_parameters(torch.Generator().manual_seed(0))  # the stage's scratch model for trainer.seed = 0
-    rm = ScoreModel.from_lm(sft, 1, generator=torch.Generator().manual_seed(3))
+    rm = ScoreModel.from_lm(sft, 1, generator=torch.Generator().manual_seed(3), pooling=pooling)
     with torch.no_grad():
         rm.head.score.weight.mul_(50.0)
         rm.bias.fill_(0.25)

@@ -6,6 +6,9 @@ responses go in one batch and each response is forwarded once; each prompt is on
     loss = -1/P * sum over prompts p of 1/C(K_p, 2) * sum over its untied pairs (w, l) of
            log sigmoid(r(x, y_w) - r(x, y_l))
 
+With soft labels (an AI labeler's probability t that y_w is preferred, Bai et al. 2022) each pair's term
+is the cross entropy t log sigmoid(r_w - r_l) + (1 - t) log sigmoid(r_l - r_w) instead.
+
 (``algorithm.rm.weighting: pair`` pools every pair instead: -1/M sum over all M pairs).
 
 Sparrow's preference model (Glaese et al. 2022, sec. 2.3 and app. F): pick-one-of-N cross entropy over the candidates (plus distractor responses taken from other
@@ -28,9 +31,13 @@ from ..data.streams import StepTotals
 from .objective import ModelPass, Objective
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """(M,), (M,) scores -> (M,) per-pair -log sigmoid(r_w - r_l)."""
-    return -F.logsigmoid(chosen - rejected)
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """(M,), (M,) scores -> (M,) per-pair -log sigmoid(r_w - r_l); with soft targets t = P(w preferred),
+    the cross entropy -(t log sigmoid(r_w - r_l) + (1 - t) log sigmoid(r_l - r_w)) (t = 1: the same)."""
+    d = chosen - rejected
+    if target is None:
+        return -F.logsigmoid(d)
+    return -(target * F.logsigmoid(d) + (1.0 - target) * F.logsigmoid(-d))
 
 
 def choice_loss(scores: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor, *, bt_weight: float,
@@ -60,14 +67,15 @@ def score_inputs(seqs) -> dict:
     return {"input_ids": seqs.input_ids, "document_ids": seqs.document_ids}
 
 
-def ranking_objective(weighting: str = "prompt") -> Objective:
+def ranking_objective(weighting: str = "prompt", pooling: str = "last") -> Objective:
     """The ranking RM's objective. Stats (means over pairs): pairwise accuracy, margin r_w - r_l.
 
     ``weighting``: ``prompt`` (InstructGPT, default): each prompt is one batch element and its pairs
     are weighted 1 / C(K, 2), loss = 1/P sum_p 1/C(K_p, 2) sum_(w,l) in p -log sigmoid(r_w - r_l), so a
     K = 9 prompt (36 pairs) weighs as much as a K = 4 prompt (6 pairs). ``pair``: the mean over every
     pair pooled, loss = 1/M sum -log sigmoid(r_w - r_l) (what the engine did before; a K = 9 prompt
-    then weighs 6x a K = 4 prompt).
+    then weighs 6x a K = 4 prompt). ``pooling``: a response's score is read at its last token or is the
+    mean over its response tokens (``Sequences.read_score``).
     """
     per_prompt = weighting == "prompt"
 
@@ -75,9 +83,10 @@ def ranking_objective(weighting: str = "prompt") -> Objective:
         return [ModelPass(score_inputs(batch.seqs), lambda out, totals: loss(batch, out, totals))]
 
     def loss(batch: PairBatch, out: torch.Tensor, totals: StepTotals):
-        scores = batch.seqs.read_last(out[..., 0])  # (R,) one forward per response
+        scores = batch.seqs.read_score(out[..., 0], pooling)  # (R,) one forward per response
         r_w, r_l = scores[batch.chosen], scores[batch.rejected]  # (M,)
-        per_pair = pairwise_loss(r_w, r_l)
+        soft = bool((batch.target < 1).any())  # hard labels take the plain -log sigmoid path
+        per_pair = pairwise_loss(r_w, r_l, batch.target.to(r_w.dtype) if soft else None)
         if per_prompt:
             loss = (per_pair * batch.prompt_weight).sum() / max(totals["prompts"], 1)
         else:

@@ -11,12 +11,15 @@ Every field is documented where it is declared; fields without a default are req
     cfg = load_config("configs/sft_tiny.yaml", ["optim.lr=3e-4", "trainer.max_steps=50"])
 
 Modules: ``model`` (the decoder's shape, which model to start from), ``training`` (layout, precision,
-data, optimizer, loop, sampling, logging), ``algorithm`` (algorithm sections, reward, iterate, pipeline)
+data, optimizer, loop, sampling, logging), ``algorithm`` (algorithm sections, reward, iterate, pipeline,
+cai, rlaif)
 and ``run`` (``RunConfig`` and loading). None imports torch.
 """
 
 from .algorithm import (
+    AILabelerConfig,
     AlgorithmConfig,
+    ConstitutionalConfig,
     DPOConfig,
     IterateConfig,
     PipelineConfig,
@@ -51,7 +54,7 @@ from .training import (
 )
 
 __all__ = [
-    "AlgorithmConfig", "ConfigError", "DPOConfig", "DataConfig", "FP8Config", "IterateConfig", "LoggingConfig",
+    "AILabelerConfig", "AlgorithmConfig", "ConfigError", "ConstitutionalConfig", "DPOConfig", "DataConfig", "FP8Config", "IterateConfig", "LoggingConfig",
     "LoRAConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PipelineConfig", "PrecisionConfig", "PreferenceModelConfig",
     "RLConfig", "RankingRMConfig", "RewardConfig", "RolloutConfig", "RopeScaling", "RuleModelConfig", "RunConfig",
     "TE_RECIPES", "TORCHAO_RECIPES", "TrainerConfig", "TransformerConfig", "apply_overrides", "load_config",

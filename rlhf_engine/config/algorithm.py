@@ -33,6 +33,16 @@ class RankingRMConfig:
     """prompt: each prompt's C(K, 2) comparisons are one batch element, every pair weighted 1/C(K, 2)
     (InstructGPT, eq. 1), so prompts count equally whatever their K; pair: the plain mean over every
     pair pooled (a K = 9 prompt then weighs 6x a K = 4 prompt)."""
+    pooling: Literal["last", "mean"] = "last"
+    """Where a response's score is read: at its last token (InstructGPT, Hugging Face's sequence
+    classifiers) or as the mean of the per-token scores over the response tokens. Mean pooling reads the
+    words a frozen trunk passes up even where the last token's state does not gather them (README's
+    design note, ``rlhf-engine probe``'s 'mean' column); it is saved with the export and used wherever
+    the RM scores (RL's reward, evaluation, iterate)."""
+    soft_labels: bool = True
+    """Rows with soft labels (an AI labeler's probabilities, docs/data.md) train on them: each labelled
+    pair (i, j, p) costs -(p log sigmoid(r_i - r_j) + (1 - p) log sigmoid(r_j - r_i)), the cross entropy
+    against the soft target (Bai et al. 2022); false trains on their hard ranking instead."""
 
 
 @section
@@ -262,9 +272,10 @@ class IterateConfig:
     """Prompts whose responses are compared in each round."""
     responses_per_prompt: int = 4
     """K responses sampled from the current policy per prompt and ranked by the labeler (4..9)."""
-    labeler: Literal["programmatic", "model", "file"] = "programmatic"
-    """programmatic: registered reward functions (reward.functions weights) plus noise; model: an AI
-    labeler, a causal LM judging each response with a prompt template; file: rankings written by people."""
+    labeler: Literal["programmatic", "model", "ai", "file"] = "programmatic"
+    """programmatic: registered reward functions (reward.functions weights) plus noise; model: a causal LM
+    judging each response alone with a prompt template; ai: the constitution-guided AI labeler of the
+    rlaif section (soft labels); file: rankings written by people."""
     label_noise: float = 0.0
     """programmatic: std of Gaussian noise added to each score before ranking (simulated disagreement)."""
     labeler_model_path: str | None = None
@@ -290,6 +301,67 @@ class IterateConfig:
             raise ValueError("responses_per_prompt must be in [2, 9]")
         if self.labeler == "model" and self.labeler_model_path is None:
             raise ValueError("labeler 'model' needs labeler_model_path")
+
+
+@section
+class ConstitutionalConfig:
+    """Constitutional AI's supervised stage (``rlhf-engine cai``, Bai et al. 2022): the policy answers each
+    prompt, the reviser critiques the answer under a sampled principle and revises it, for ``rounds``
+    rounds; the revisions become SFT rows, and SFT of model.hf_path on them follows."""
+
+    constitution_path: str | None = None
+    """YAML constitution: principles with critique and revision requests, optional few-shot examples
+    (data/constitution.py)."""
+    reviser_path: str | None = None
+    """HF causal LM that writes critiques and revisions (usually larger than the policy); None: the
+    policy itself (model.hf_path), as in the paper."""
+    rounds: int = 1
+    """Critique-revision rounds per prompt; each samples one principle, and revises the last revision."""
+    keep: Literal["all", "final"] = "all"
+    """SFT rows from every round's revision (the paper trains on all revision steps) or the last only."""
+    max_prompts: int | None = None
+    """Use the first this many prompts of data.train_path (None: all)."""
+    sft: bool = True
+    """Run SFT on the revisions after writing them (trainer.max_steps, optim.*)."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError("max_prompts must be >= 1 (or null for all)")
+
+
+@section
+class AILabelerConfig:
+    """The AI labeler (RLAIF, Bai et al. 2022; ``rlhf-engine rlaif``, ``iterate.labeler: ai``): a judge
+    compares the responses under the constitution's principles, and its normalised probabilities of the
+    choice letters are kept as soft labels."""
+
+    judge_path: str | None = None
+    """HF causal LM asked the constitution's comparison questions, or a reward-model export (then
+    P(i preferred to j) = sigmoid(r_i - r_j) and principles are not used)."""
+    constitution_path: str | None = None
+    """YAML constitution whose principles carry a comparison question (causal-LM judges)."""
+    comparison: Literal["pairwise", "kwise"] = "pairwise"
+    """pairwise: every pair of a prompt's K responses is one question with options (A), (B); kwise: all
+    K are options of one question and P(i preferred to j) = q_i / (q_i + q_j) from its choice distribution q."""
+    principles_per_comparison: int = 1
+    """Principles sampled (without replacement) for each question; their probabilities are averaged
+    (the paper's ensemble over principles)."""
+    both_orders: bool = True
+    """Ask each question with the options in order and reversed, and average (against position bias)."""
+    min_choice_mass: float = 0.0
+    """Drop a question whose judge puts less than this probability, in all, on the choice letters."""
+    responses_per_prompt: int = 4
+    """rlaif on prompt-only rows: K responses sampled from model.hf_path per prompt (2..9)."""
+
+    def __post_init__(self) -> None:
+        if self.principles_per_comparison < 1:
+            raise ValueError("principles_per_comparison must be >= 1")
+        if not 0.0 <= self.min_choice_mass < 1.0:
+            raise ValueError("min_choice_mass must be in [0, 1)")
+        if not 2 <= self.responses_per_prompt <= 9:
+            raise ValueError("responses_per_prompt must be in [2, 9]")
 
 
 @section

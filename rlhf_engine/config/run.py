@@ -12,7 +12,14 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from .algorithm import AlgorithmConfig, IterateConfig, PipelineConfig, RewardConfig
+from .algorithm import (
+    AILabelerConfig,
+    AlgorithmConfig,
+    ConstitutionalConfig,
+    IterateConfig,
+    PipelineConfig,
+    RewardConfig,
+)
 from .model import ModelConfig, section
 from .training import (
     DataConfig,
@@ -40,6 +47,8 @@ class RunConfig:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     iterate: IterateConfig = dataclasses.field(default_factory=IterateConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    cai: ConstitutionalConfig = dataclasses.field(default_factory=ConstitutionalConfig)
+    rlaif: AILabelerConfig = dataclasses.field(default_factory=AILabelerConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 

@@ -50,7 +50,9 @@ class RowBatcher:
         self.cfg, self.tok, self.rows, self.kind = cfg, tokenizer, rows, kind
         self.seq_len, self.pad = cfg.data.seq_len, pad_id(tokenizer)
         if kind == "pairs":
-            self.tokens = [([tokenize_response(tokenizer, r.prompt, y) for y in r.responses], r.pairs()) for r in rows]
+            soft = cfg.algorithm.name == "rm" and cfg.algorithm.rm.soft_labels  # DPO trains on the hard ranking
+            self.tokens = [([tokenize_response(tokenizer, r.prompt, y) for y in r.responses], r.labelled_pairs(soft))
+                           for r in rows]
         elif kind == "choice":
             self.tokens = [[tokenize_response(tokenizer, r.prompt, y) for y in r.responses] for r in rows]
         else:

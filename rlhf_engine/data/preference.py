@@ -4,6 +4,9 @@ Row formats (JSONL or Parquet; docs/data.md has examples):
 
     ranking   {"prompt": P, "responses": [r1, ..., rK], "ranking": [1, 3, 2, 3]}   K = 2..9, 1 = best,
               equal numbers tie; or the pairwise special case {"prompt": P, "chosen": c, "rejected": r}
+              Soft labels (an AI labeler's probabilities, Bai et al. 2022): "soft_labels": [[i, j, p], ...]
+              on a ranking row (p = P(response i is preferred to response j)), "soft_label": p on a
+              pairwise row (p = P(chosen is preferred)); a row with soft labels may rank all responses equal
     choice    {"prompt": P, "responses": [r1, ..., rN], "chosen": i}                 Sparrow pick-one-of-N
     rules     {"messages": [...], "labels": {"rule_name": true | false | "unsure"}}  true = violated;
               or one label per row: {"messages": [...], "rule": "rule_name", "violated": ...}
@@ -73,12 +76,20 @@ class Ranking:
     prompt: Prompt
     responses: tuple[str, ...]
     ranks: tuple[int, ...]
+    soft: tuple[tuple[int, int, float], ...] | None = None  # (i, j, P(i preferred to j)) per labelled pair
 
     def pairs(self) -> list[tuple[int, int]]:
         """(winner, loser) for each of the C(K, 2) pairs whose ranks differ; tied pairs are dropped."""
         K = len(self.responses)
         return [(i, j) if self.ranks[i] < self.ranks[j] else (j, i)
                 for i in range(K) for j in range(i + 1, K) if self.ranks[i] != self.ranks[j]]
+
+    def labelled_pairs(self, soft: bool = True) -> list[tuple[int, int, float]]:
+        """(winner, loser, target probability that the winner is preferred): the soft labels oriented so
+        the target is >= 0.5 (a 0.5 pair is kept: it asks for equal scores), or the hard pairs at 1.0."""
+        if soft and self.soft is not None:
+            return [(i, j, p) if p >= 0.5 else (j, i, 1.0 - p) for i, j, p in self.soft]
+        return [(w, lo, 1.0) for w, lo in self.pairs()]
 
 
 def scores_to_ranking(scores: Sequence[float], decimals: int = 6) -> list[int]:
@@ -88,13 +99,38 @@ def scores_to_ranking(scores: Sequence[float], decimals: int = 6) -> list[int]:
     return [order.index(s) + 1 for s in rounded]
 
 
+def _probability(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _soft_labels(value: Any, K: int) -> tuple[tuple[int, int, float], ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("'soft_labels' must be a non-empty list of [i, j, p] (p = P(response i preferred to j))")
+    out, seen = [], set()
+    for n, entry in enumerate(value):
+        if (not isinstance(entry, list) or len(entry) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < K for x in entry[:2])
+                or entry[0] == entry[1]):
+            raise ValueError(f"'soft_labels'[{n}] must be [i, j, p] with i != j indices into 'responses' "
+                             f"(0..{K - 1}), got {entry!r}")
+        i, j = entry[0], entry[1]
+        if (min(i, j), max(i, j)) in seen:
+            raise ValueError(f"'soft_labels'[{n}]: the pair ({i}, {j}) is labelled twice")
+        seen.add((min(i, j), max(i, j)))
+        out.append((i, j, _probability(entry[2], f"'soft_labels'[{n}][2]")))
+    return tuple(out)
+
+
 def parse_ranking(row: Any) -> Ranking:
     if isinstance(row, dict) and "chosen" in row and "responses" not in row:
-        _keys(row, {"prompt", "chosen", "rejected"})
+        _keys(row, {"prompt", "chosen", "rejected"}, {"soft_label"})
         pair = (_response(row["chosen"], "'chosen'"), _response(row["rejected"], "'rejected'"))
         _distinct(pair, ("'chosen'", "'rejected'"))
-        return Ranking(parse_prompt(row["prompt"]), pair, (1, 2))
-    _keys(row, {"prompt", "responses", "ranking"})
+        soft = ((0, 1, _probability(row["soft_label"], "'soft_label'")),) if "soft_label" in row else None
+        return Ranking(parse_prompt(row["prompt"]), pair, (1, 2), soft)
+    _keys(row, {"prompt", "responses", "ranking"}, {"soft_labels"})
     responses, ranks = row["responses"], row["ranking"]
     if not isinstance(responses, list) or not 2 <= len(responses) <= MAX_RANKED:
         raise ValueError(f"'responses' must be a list of 2..{MAX_RANKED} strings")
@@ -103,11 +139,12 @@ def parse_ranking(row: Any) -> Ranking:
                          f"got {ranks!r}")
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
         raise ValueError(f"'ranking' entries must be integers >= 1 (1 = best), got {ranks!r}")
-    if len(set(ranks)) == 1:
+    soft = _soft_labels(row["soft_labels"], len(responses)) if "soft_labels" in row else None
+    if len(set(ranks)) == 1 and soft is None:
         raise ValueError("all responses are tied: the ranking gives no preference pair")
     texts = tuple(_response(r, f"'responses'[{i}]") for i, r in enumerate(responses))
     _distinct(texts, [f"'responses'[{i}]" for i in range(len(texts))])
-    return Ranking(parse_prompt(row["prompt"]), texts, tuple(ranks))
+    return Ranking(parse_prompt(row["prompt"]), texts, tuple(ranks), soft)
 
 
 def _distinct(texts, names) -> None:
@@ -237,6 +274,33 @@ class Sequences:
         """(B, S, ...) -> (R, ...): the values at each sequence's last token."""
         return per_position.flatten(0, 1)[self.last]
 
+    def response_positions(self) -> torch.Tensor:
+        """(B, S) bool: the positions of response tokens (those a label points at: labels[t] is token t + 1)."""
+        response = torch.zeros_like(self.labels, dtype=torch.bool)
+        response[:, 1:] = self.labels[:, :-1] != IGNORE_INDEX
+        return response
+
+    def mean_over_responses(self, per_position: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (R, ...): the mean over each sequence's response tokens (0 for a sequence without)."""
+        weight = self.response_positions().to(per_position.dtype)  # (B, S)
+        weight = weight.reshape(*weight.shape, *[1] * (per_position.dim() - 2))
+        idx = self.seq_index.flatten()
+        keep = idx >= 0
+        flat = (per_position * weight).flatten(0, 1)[keep]  # (kept, ...)
+        summed = flat.new_zeros(self.num_sequences, *per_position.shape[2:]).index_add(0, idx[keep], flat)
+        counts = weight.flatten(0, 1)[keep].new_zeros(self.num_sequences, *weight.shape[2:]).index_add(
+            0, idx[keep], weight.flatten(0, 1)[keep])
+        return summed / counts.clamp(min=1)
+
+    def read_score(self, per_position: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+        """(B, S, ...) -> (R, ...): a score model's per-sequence score, read at the last token or averaged
+        over the response tokens (``pooling`` of the score model)."""
+        if pooling == "last":
+            return self.read_last(per_position)
+        if pooling == "mean":
+            return self.mean_over_responses(per_position)
+        raise ValueError(f"unknown score pooling {pooling!r}; expected 'last' or 'mean'")
+
     def sum_per_sequence(self, per_token: torch.Tensor) -> torch.Tensor:
         """(B, S) -> (R,): sums over each sequence's positions (padding excluded)."""
         idx = self.seq_index.flatten()
@@ -289,33 +353,38 @@ class PairBatch(_OverSequences):
 
     ``prompt_weight[m]`` = 1 / C(K, 2) for a pair of a prompt with K responses: InstructGPT's weighting,
     under which each prompt's comparisons count as one batch element (tied pairs are dropped, and their
-    share is not handed to the others)."""
+    share is not handed to the others). ``target[m]`` is the probability that ``chosen[m]`` is preferred:
+    1 for a hard label, the AI labeler's soft label (>= 0.5) otherwise."""
 
     seqs: Sequences
     chosen: torch.Tensor  # (M,) long
     rejected: torch.Tensor  # (M,) long
     prompt_weight: torch.Tensor  # (M,) float, 1 / C(K, 2) of the pair's prompt
     prompts: torch.Tensor  # () long: prompts with at least one pair
+    target: torch.Tensor  # (M,) float, P(chosen preferred): 1.0 for hard labels
 
     def counts(self) -> dict[str, int]:
         return {"tokens": self.seqs.num_tokens, "pairs": int(self.chosen.numel()), "prompts": int(self.prompts)}
 
 
-def pair_batch(tokenized: Sequence[tuple[list[tuple[list[int], int]], list[tuple[int, int]]]], seq_len: int,
+def pair_batch(tokenized: Sequence[tuple[list[tuple[list[int], int]], Sequence[tuple]]], seq_len: int,
                pad_id: int) -> PairBatch:
-    """``tokenized``: per prompt, its responses' (ids, n_prompt) and (winner, loser) pairs of indices."""
-    seqs, chosen, rejected, weight = [], [], [], []
+    """``tokenized``: per prompt, its responses' (ids, n_prompt) and (winner, loser) or (winner, loser,
+    target) pairs of indices."""
+    seqs, chosen, rejected, weight, target = [], [], [], [], []
     prompts = 0
     for responses, pairs in tokenized:
         base = len(seqs)
         seqs += responses
-        chosen += [base + w for w, _ in pairs]
-        rejected += [base + lo for _, lo in pairs]
+        chosen += [base + p[0] for p in pairs]
+        rejected += [base + p[1] for p in pairs]
+        target += [p[2] if len(p) > 2 else 1.0 for p in pairs]
         K = len(responses)
         weight += [2.0 / (K * (K - 1))] * len(pairs)
         prompts += bool(pairs)
-    return PairBatch(pack_sequences(seqs, seq_len, pad_id), torch.tensor(chosen), torch.tensor(rejected),
-                     torch.tensor(weight, dtype=torch.float32), torch.tensor(prompts))
+    return PairBatch(pack_sequences(seqs, seq_len, pad_id), torch.tensor(chosen, dtype=torch.long),
+                     torch.tensor(rejected, dtype=torch.long), torch.tensor(weight, dtype=torch.float32),
+                     torch.tensor(prompts), torch.tensor(target, dtype=torch.float32))
 
 
 @dataclass(frozen=True)

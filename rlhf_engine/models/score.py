@@ -9,7 +9,10 @@ is frozen and the head (layers [k, L), final norm, a bias-free linear ``score`` 
 k = 0 is the full-model baseline (everything trains). One output is a reward or preference score;
 ``num_outputs`` = number of rules gives Sparrow's rule-violation classifier (one logit per rule).
 
-A score is read at a sequence's last token. ``bias`` (a buffer, 0 until set) is added to every output:
+A score is read at a sequence's last token (``pooling="last"``, as Hugging Face's sequence classifiers
+do) or averaged over its response tokens (``pooling="mean"``, ``algorithm.rm.pooling``; the mean of the
+per-token scores, which for a linear score is the score of the mean-pooled final states). The pooling
+is saved in config.json (``score_pooling``); transformers itself always reads the last token. ``bias`` (a buffer, 0 until set) is added to every output:
 InstructGPT shifts its RM so SFT outputs score 0 on average before RL (``normalize_reward``).
 
 The checkpoint is a Hugging Face ``<Family>ForSequenceClassification`` directory (``model.*`` plus
@@ -39,9 +42,12 @@ class ScoreModel(nn.Module):
     """Frozen trunk (k > 0) and a trainable head with a linear score (see the module docstring)."""
 
     def __init__(self, cfg: TransformerConfig, trunk_layers: int, num_outputs: int = 1,
-                 spec: LayerSpec = LayerSpec(), lora: LoRAConfig | None = None) -> None:
+                 spec: LayerSpec = LayerSpec(), lora: LoRAConfig | None = None, pooling: str = "last") -> None:
         """``lora`` with rank > 0: the head's layers train low-rank adapters, its score in full."""
         super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"score pooling must be 'last' or 'mean', got {pooling!r}")
+        self.pooling = pooling
         self.lora = lora if lora is not None and lora.rank > 0 else None
         if not 0 <= trunk_layers < cfg.num_layers:
             raise ValueError(f"trunk_layers={trunk_layers} must be in [0, num_layers={cfg.num_layers})")
@@ -57,11 +63,12 @@ class ScoreModel(nn.Module):
 
     @classmethod
     def from_lm(cls, lm: Transformer, trunk_layers: int, num_outputs: int = 1,
-                generator: torch.Generator | None = None, lora: LoRAConfig | None = None) -> "ScoreModel":
+                generator: torch.Generator | None = None, lora: LoRAConfig | None = None,
+                pooling: str = "last") -> "ScoreModel":
         """Trunk and head layers copied from a language model (the SFT model); the score is drawn from
         N(0, 1/(D+1)) as in InstructGPT-style RMs started from an LM (small, so initial scores are near 0)."""
         with torch.device("meta"):
-            model = cls(lm.config, trunk_layers, num_outputs, lora=lora)
+            model = cls(lm.config, trunk_layers, num_outputs, lora=lora, pooling=pooling)
         src = lm.state_dict()
         state = {}
         for name, value in model.state_dict().items():
@@ -148,6 +155,7 @@ def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: A
         hf_cfg.label2id = {name: i for i, name in enumerate(labels)}
     hf_cfg.reward_bias = model.bias.tolist()
     hf_cfg.trunk_layers = model.trunk_layers
+    hf_cfg.score_pooling = model.pooling
     path = Path(path)
     with atomic_directory(path) as tmp:
         hf_cfg.save_pretrained(tmp)
@@ -167,7 +175,7 @@ def load_score_model(path: str | os.PathLike, *, trunk_layers: int | None = None
     cfg = TransformerConfig(**{**config_from_hf(hf_cfg, path / "config.json", head="ForSequenceClassification").__dict__, "tie_word_embeddings": False})
     k = trunk_layers if trunk_layers is not None else int(getattr(hf_cfg, "trunk_layers", 0))
     with torch.device("meta"):
-        model = ScoreModel(cfg, k, int(hf_cfg.num_labels))
+        model = ScoreModel(cfg, k, int(hf_cfg.num_labels), pooling=getattr(hf_cfg, "score_pooling", "last"))
     flat: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:

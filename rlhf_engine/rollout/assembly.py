@@ -72,7 +72,8 @@ def build_roles(cfg: RunConfig, sft, settings: RLSettings, device) -> tuple[Role
         continue_policy(model, sft, cfg.algorithm.rl.init_policy_path)
     rules = load_score_model(r.rules_path).to(device) if r.rules_path is not None else None
     separate = rm.to(device) if rm is not None and not shared else None
-    reward = CombinedReward(r, preference=separate, rules=rules, seq_len=cfg.data.seq_len, pad_id=0)
+    reward = CombinedReward(r, preference=separate, rules=rules, seq_len=cfg.data.seq_len, pad_id=0,
+                            head_pooling=rm.pooling if shared else "last")
     if not (rm is not None or rules is not None or r.functions or r.format or r.length_target):
         raise DataError("RL needs a reward: reward.preference_path, reward.rules_path, reward.functions, "
                         "reward.format or reward.length_target")

@@ -258,9 +258,15 @@ class ExperienceMaker:
         samples = [Sample(p.ids, list(resp) + end, p.text, text, p.answer)  # ends as the RM's training rows did
                    for p, resp, end, text in zip(items, gen.responses, ends, texts)]
         learned = None
-        if self.reward_head_bias is not None:  # the reward head on the shared trunk, read at the last token
-            last = (docs != PAD_DOCUMENT).long().cumsum(1).argmax(1)  # (N,) index of the last real token
-            learned = out.rewards.gather(1, last[:, None])[:, 0].cpu() + self.reward_head_bias
+        if self.reward_head_bias is not None:  # the reward head on the shared trunk, read as the RM reads
+            real = docs != PAD_DOCUMENT  # (N, S)
+            if self.reward.head_pooling == "mean":  # over the response and its end-of-turn suffix (the RM's rows)
+                response = real & (torch.arange(docs.shape[1], device=docs.device) >= gen.prompt_length)[None]
+                pooled = (out.rewards.float() * response).sum(1) / response.sum(1).clamp(min=1)  # (N,)
+            else:
+                last = real.long().cumsum(1).argmax(1)  # (N,) index of the last real token
+                pooled = out.rewards.float().gather(1, last[:, None])[:, 0]
+            learned = pooled.cpu() + self.reward_head_bias
         breakdown = self.reward(samples, preference_scores=learned)
         values = out.values.float() * mask if out.values is not None else None
         return Rollout(seqs, docs, targets, mask, logp, self.on_policy, ref_logp, kl, values, breakdown.total.to(seqs.device),

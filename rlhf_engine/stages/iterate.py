@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ..config import RunConfig, to_dict
-from ..data.preference import parse_ranking, tokenize_response
+from ..data.chat import pad_id
+from ..data.preference import pack_sequences, parse_ranking, tokenize_response
 from ..data.prompts import load_prompt_rows
 from ..data.reader import read_rows
 from ..labelers import build_labeler
@@ -48,10 +49,9 @@ def ranking_accuracy(rm_path: str, tokenizer, rankings: list, seq_len: int) -> f
     rm = load_score_model(rm_path).eval()
     right = total = 0
     for row in rankings:
-        scores = []
-        for y in row.responses:
-            ids, _ = tokenize_response(tokenizer, row.prompt, y)
-            scores.append(float(rm(torch.tensor([ids[:seq_len]]))[0, -1, 0]))
+        seqs = pack_sequences([tokenize_response(tokenizer, row.prompt, y) for y in row.responses], seq_len,
+                              pad_id(tokenizer))
+        scores = seqs.read_score(rm(seqs.input_ids, document_ids=seqs.document_ids)[..., 0], rm.pooling).tolist()
         for w, lo in row.pairs():
             right += scores[w] > scores[lo]
             total += 1
@@ -84,13 +84,21 @@ def run_iterated(cfg: RunConfig) -> dict[str, Any]:
             rows = train_rows[start_i : start_i + it.prompts_per_round]
             with GenerationProgress(f"round {r}: {it.responses_per_prompt} samples for each of {len(rows)} prompts"):
                 responses = sample_from_policy(policy, rows, cfg, it.responses_per_prompt, cfg.trainer.seed * 31 + r)
-            ranks = build_labeler(cfg, rd, r).rank_all(rows, responses)
+            responses = [list(dict.fromkeys(ys)) for ys in responses]  # a repeated sample is compared once
+            keep = [i for i, ys in enumerate(responses) if len(ys) >= 2]
+            rows, responses = [rows[i] for i in keep], [responses[i] for i in keep]
+            labeler = build_labeler(cfg, rd, r)
+            labels = labeler.label_all(rows, responses)  # ranking (and an AI labeler's soft labels) per prompt
             tmp = ranked.with_suffix(".tmp")
             with tmp.open("w") as f:
-                for row, ys, rk in zip(rows, responses, ranks):
+                for row, ys, lab in zip(rows, responses, labels):
+                    if lab is None:  # the AI labeler's judge gave no usable answer for this prompt
+                        continue
                     prompt = row.prompt if isinstance(row.prompt, str) else [m.__dict__ for m in row.prompt]
-                    f.write(json.dumps({"prompt": prompt, "responses": ys, "ranking": rk}) + "\n")
+                    f.write(json.dumps({"prompt": prompt, "responses": ys, **lab}) + "\n")
             tmp.replace(ranked)
+            if hasattr(labeler, "report"):
+                info["labeler"] = labeler.report()
         new = read_rows(ranked, parse_ranking)
         info["comparisons"] = sum(len(x.pairs()) for x in new)
         if rm_path is not None:

@@ -67,14 +67,20 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def make_rankings(cfg: RunConfig, sft_path: str, prompts: list[dict], out: Path) -> dict[str, float]:
     """Sample K responses per prompt from the SFT policy; rank them with labeler A (written) and labeler B
-    (for agreement). Returns inter-labeler and labeler-gold pairwise agreement."""
+    (for agreement). Identical samples of one prompt are ranked once (a prompt left with one distinct
+    response is skipped). Returns inter-labeler and labeler-gold pairwise agreement and those counts."""
     p = cfg.pipeline
     rows = [parse_prompt_row(r) for r in prompts]
     with GenerationProgress(f"rankings: {p.responses_per_prompt} samples for each of {len(rows)} prompts"):
         responses = sample_from_policy(sft_path, rows, cfg, p.responses_per_prompt, cfg.trainer.seed * 7 + 1)
     rng_a, rng_b = random.Random(cfg.trainer.seed * 101 + 1), random.Random(cfg.trainer.seed * 101 + 2)
-    ranked, inter, gold_agree = [], [0, 0], [0, 0]
+    ranked, inter, gold_agree, duplicates = [], [0, 0], [0, 0], 0
     for row, prompt, ys in zip(rows, prompts, responses):
+        unique = list(dict.fromkeys(ys))  # a repeated sample is no second response to rank (and no tie to label)
+        duplicates += len(ys) - len(unique)
+        if len(unique) < 2:
+            continue
+        ys = unique
         gold = [gold_score(row.text, y) for y in ys]
         a, b = label(gold, p.label_noise, rng_a), label(gold, p.label_noise, rng_b)
         truth = scores_to_ranking(gold)
@@ -84,7 +90,7 @@ def make_rankings(cfg: RunConfig, sft_path: str, prompts: list[dict], out: Path)
         ranked.append({"prompt": prompt["prompt"], "responses": ys, "ranking": a})
     _write_jsonl(out / "data" / "rankings.jsonl", ranked)
     return {"labeler_agreement": inter[0] / max(inter[1], 1), "labeler_gold_agreement": gold_agree[0] / max(gold_agree[1], 1),
-            "ranked_prompts": len(ranked)}
+            "ranked_prompts": len(ranked), "duplicate_samples_dropped": duplicates}
 
 
 @torch.no_grad()

@@ -26,7 +26,6 @@ from ..algorithms.probe import fit_pairwise_probe, recommend_cut
 from ..config import RunConfig
 from ..data.chat import pad_id
 from ..data.comparisons import texts_of
-from ..data.packing import IGNORE_INDEX
 from ..data.preference import Ranking, Sequences, pack_sequences, parse_ranking, tokenize_response
 from ..data.streams import load_split
 from ..models.transformer import Transformer
@@ -42,10 +41,7 @@ def cut_features(model: Transformer, seqs: Sequences) -> list[dict[str, torch.Te
     model.eval()
     x = model.embed(seqs.input_ids)  # (B, S, D)
     ctx = model.layer_context(x, document_ids=seqs.document_ids)
-    # response tokens: those a label points at (labels[t] is token t + 1 on responses)
-    response = torch.zeros_like(seqs.labels, dtype=torch.bool)
-    response[:, 1:] = seqs.labels[:, :-1] != IGNORE_INDEX
-    weight = response.float()
+    weight = seqs.response_positions().float()  # (B, S) response tokens
     counts = seqs.sum_per_sequence(weight).clamp(min=1)[:, None]  # (R, 1)
     idx, keep = seqs.seq_index.flatten(), seqs.seq_index.flatten() >= 0
     out = []

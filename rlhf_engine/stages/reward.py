@@ -32,7 +32,8 @@ from .probe import resolve_trunk_layers
 
 # algorithm.name -> (row parser, batch kind, objective), each built from the config
 KINDS: dict[str, tuple[Callable[[RunConfig], Callable], str, Callable[[RunConfig], Objective]]] = {
-    "rm": (lambda cfg: parse_ranking, "pairs", lambda cfg: ranking_objective(cfg.algorithm.rm.weighting)),
+    "rm": (lambda cfg: parse_ranking, "pairs",
+           lambda cfg: ranking_objective(cfg.algorithm.rm.weighting, cfg.algorithm.rm.pooling)),
     "sparrow": (lambda cfg: parse_choice, "choice",
                 lambda cfg: choice_objective(cfg.algorithm.sparrow.bt_weight, cfg.algorithm.sparrow.reg_weight)),
     "rules": (lambda cfg: rule_parser(cfg.algorithm.rules.names), "rules", lambda cfg: RULES),
@@ -40,14 +41,14 @@ KINDS: dict[str, tuple[Callable[[RunConfig], Callable], str, Callable[[RunConfig
 
 
 @torch.no_grad()
-def mean_response_score(model: ScoreModel, batches: list, device) -> float:
+def mean_response_score(model: ScoreModel, batches: list, device, pooling: str = "last") -> float:
     """Mean score of every sequence in ``batches`` (the training responses), for normalisation; through
     the pipeline's stages under pp > 1."""
     model.eval()
 
     def passes(b) -> list[ModelPass]:
         def score_sum(out, totals):
-            scores = b.seqs.read_last(out[..., 0])  # (R,)
+            scores = b.seqs.read_score(out[..., 0], pooling)  # (R,)
             return scores.sum(), {"sequences": float(scores.numel())}
         return [ModelPass(score_inputs(b.seqs), score_sum)]
 
@@ -76,14 +77,17 @@ def setup_reward_model(ctx: StageContext) -> StageSetup:
     lm = base_model(cfg, tokenizer)
     k, probe = resolve_trunk_layers(cfg, lm, tokenizer, train_rows, eval_rows) if name == "rm" else (
         _number_of_layers(cfg), {})
+    pooling = cfg.algorithm.rm.pooling if name == "rm" else "last"  # Sparrow and rules read the last token
     model = ScoreModel.from_lm(lm, k, len(labels) if labels else 1,
-                               generator=torch.Generator().manual_seed(cfg.trainer.seed), lora=cfg.model.lora)
+                               generator=torch.Generator().manual_seed(cfg.trainer.seed), lora=cfg.model.lora,
+                               pooling=pooling)
     del lm
     model = rt.parallelize(model, cfg)
     train, held_out = (RowBatcher(cfg, tokenizer, rows, kind) for rows in (train_rows, eval_rows))
 
     def summarize(result: dict[str, Any]) -> dict[str, Any]:
         return {"algorithm": name, "train_rows": len(train_rows), "heldout_rows": len(eval_rows), "trunk_layers": k,
+                "pooling": pooling,
                 **({"probe": probe} if probe else {}),
                 "heldout_accuracy_initial": result["first_eval"].get("eval_accuracy"),
                 "heldout_accuracy": result["final_eval"].get("eval_accuracy"),
@@ -92,11 +96,11 @@ def setup_reward_model(ctx: StageContext) -> StageSetup:
     def export(out) -> dict[str, Any]:
         extra = {}
         if name == "rm" and cfg.algorithm.rm.normalize:
-            shift = mean_response_score(model, train.fixed(), rt.device)
+            shift = mean_response_score(model, train.fixed(), rt.device, pooling)
             model.bias -= shift
             extra["normalization_shift"] = shift
         plain = gather_model(model, lambda: ScoreModel(model.config, model.trunk_layers, model.num_outputs,
-                                                       lora=cfg.model.lora))
+                                                       lora=cfg.model.lora, pooling=pooling))
         if plain is not None:
             save_score_model(plain, out / "hf", tokenizer=tokenizer, labels=labels)
         rt.barrier()

@@ -57,3 +57,24 @@ def test_packed_sequences_score_as_if_alone():
         s = model(packed, document_ids=docs)[0, :, 0]
         torch.testing.assert_close(s[4], model(a[None])[0, -1, 0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(s[11], model(b[None])[0, -1, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_mean_pooled_score_is_the_mean_over_response_tokens_and_survives_export(tmp_path):
+    """``pooling="mean"``: a response's score is the mean of the per-token scores over its response tokens,
+    computed here by hand from each sequence run alone; packing does not change it; the export keeps it."""
+    from rlhf_engine.data.preference import pack_sequences
+
+    model = ScoreModel.from_lm(_lm(), 1, generator=torch.Generator().manual_seed(1), pooling="mean")
+    g = torch.Generator().manual_seed(4)
+    seqs = [(torch.randint(0, 101, (n,), generator=g).tolist(), p) for n, p in ((9, 4), (6, 5), (12, 2))]
+    packed = pack_sequences(seqs, 32, pad_id=0)
+    with torch.no_grad():
+        got = packed.read_score(model(packed.input_ids, document_ids=packed.document_ids)[..., 0], model.pooling)
+        want = torch.stack([model(torch.tensor([ids]))[0, p:, 0].mean() for ids, p in seqs])  # tokens p..n-1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, packed.read_last(model(packed.input_ids, document_ids=packed.document_ids)[..., 0]))
+    save_score_model(model, tmp_path / "rm")
+    back = load_score_model(tmp_path / "rm")
+    assert back.pooling == "mean"
+    with pytest.raises(ValueError, match="pooling"):
+        ScoreModel(CFG, 1, pooling="max")
