@@ -76,6 +76,48 @@ def test_trunk_and_policy_decode_like_the_full_model_and_record_trunk_states(tmp
     assert (split.trunk_states - states)[real].abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("sync_every", [3, 8])
+def test_finish_checks_every_few_steps_give_the_same_generation(tmp_path, sync_every):
+    """Checking on the host only every few steps (as on a GPU, without a sync per token) decodes padding
+    for rows that finished meanwhile and cuts those columns: the generation is unchanged, trunk states too."""
+    _, ours = _models(tmp_path)
+    roles = RoleModel.from_sft(ours, 2)
+    kw = dict(max_new_tokens=20, stop_ids=list(range(2, 14)), pad_id=0, temperature=1.0, record_trunk=True)
+    a = generate(roles, _prompts(), **kw, generator=torch.Generator().manual_seed(3), sync_every=1)
+    b = generate(roles, _prompts(), **kw, generator=torch.Generator().manual_seed(3), sync_every=sync_every)
+    assert set(a.finish_reasons) == {"stop"} and len(set(map(len, a.responses))) > 1  # rows end at different steps
+    assert (a.responses, a.logprobs, a.finish_reasons) == (b.responses, b.logprobs, b.finish_reasons)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.document_ids, b.document_ids)
+    assert torch.equal(a.trunk_states, b.trunk_states)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_fused_projections_compute_what_the_separate_ones_do_and_are_dropped_after(family):
+    """Inside ``fused_projections`` q/k/v and gate/up run as one GEMM each over concatenated weights."""
+    from rlhf_engine.models import Transformer, TransformerConfig
+    from rlhf_engine.models.lora import apply_lora
+    from rlhf_engine.models.transformer import Attention, SwiGLU, fused_projections
+    from rlhf_engine.config.model import LoRAConfig
+
+    gemma = family == "gemma2"
+    cfg = TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, family=family, qkv_bias=family == "qwen2", hidden_act="gelu_tanh" if gemma
+                            else "silu", norm_unit_offset=gemma, sandwich_norms=gemma, scale_embeddings=gemma)
+    model = Transformer(cfg).eval()
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (3, 7))
+    with torch.no_grad():
+        want = model(ids)
+        with fused_projections(model):
+            fused = [m for m in model.modules() if isinstance(m, (Attention, SwiGLU)) and m.fused is not None]
+            got = model(ids)
+        assert len(fused) == 4 and all(m.fused is None for m in fused)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    apply_lora(model, LoRAConfig(rank=2, target_modules=["q_proj", "gate_proj"]), torch.Generator().manual_seed(1))
+    with fused_projections(model):  # adapters stay on their own projections: those layers are not fused
+        assert not any(m.fused is not None for m in model.modules() if isinstance(m, (Attention, SwiGLU)))
+
+
 def test_stop_strings_end_a_row(tmp_path):
     _, ours = _models(tmp_path)
     letters = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -21,6 +21,8 @@ prefix, so checkpoint interop is a rename of one prefix.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -150,6 +152,7 @@ class Attention(nn.Module):
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar is not None else None
         self.softcap = cfg.attn_logit_softcapping
         self.attention = spec.attention
+        self.fused: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # see fused_projections
 
     def forward(
         self,
@@ -161,12 +164,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, S, _ = x.shape
         # Head counts come from the weights, so a tensor-parallel shard (fewer heads) works unchanged.
-        q = self.q_proj(x).view(B, S, -1, self.head_dim)  # (B, S, h, d)
-        k = self.k_proj(x).view(B, S, -1, self.head_dim)  # (B, S, kvh, d)
+        if self.fused is not None:  # one GEMM for q, k and v (inside fused_projections)
+            q, k, v = F.linear(x, self.fused[0], self.fused[1]).split(self.fused[2], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, -1, self.head_dim)  # (B, S, h, d)
+        k = k.view(B, S, -1, self.head_dim)  # (B, S, kvh, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, S, d), (B, kvh, S, d)
-        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, kvh, S, d)
+        v = v.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, kvh, S, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # (B, kvh, Sk, d) including the past
@@ -183,9 +190,51 @@ class SwiGLU(nn.Module):
         self.gate_proj = spec.linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = spec.linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = spec.linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fused: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # see fused_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:  # one GEMM for gate and up (inside fused_projections)
+            gate, up = F.linear(x, self.fused[0], self.fused[1]).split(self.fused[2], dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fusable(linears: list[nn.Module]) -> bool:
+    """Plain nn.Linear with plain tensors (not LoRA wrappers, Transformer Engine or FP8 modules, DTensor
+    shards, or meta tensors), all of one dtype and device."""
+    weights = [m.weight for m in linears]
+    return (all(type(m) is nn.Linear for m in linears) and all(type(w) is torch.Tensor or type(w) is nn.Parameter
+                                                               for w in weights)
+            and not any(w.is_meta for w in weights) and len({(w.dtype, w.device) for w in weights}) == 1)
+
+
+@contextlib.contextmanager
+def fused_projections(*modules: nn.Module | None):
+    """Within the block, every attention layer computes q, k and v with one GEMM over their concatenated
+    weights, and every feed-forward layer gate and up with one, instead of three and two (generation's
+    decode steps are launch-bound at small batch). The concatenated copies are made on entry (so
+    they reflect the weights as they are then; do not train inside) and dropped on exit; parameters,
+    state dicts and exports keep the Hugging Face layout. Layers whose projections are not plain
+    ``nn.Linear`` with plain tensors (LoRA, FP8 or Transformer Engine modules, tensor-parallel shards)
+    keep their separate projections."""
+    fused = []
+    with torch.no_grad():
+        for m in (m for root in modules if root is not None for m in root.modules()):
+            parts = ([m.q_proj, m.k_proj, m.v_proj] if isinstance(m, Attention) else
+                     [m.gate_proj, m.up_proj] if isinstance(m, SwiGLU) else None)
+            if parts is None or not _fusable(parts):
+                continue
+            biases = [p.bias for p in parts]
+            bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            if bias is None and any(b is not None for b in biases):
+                continue
+            m.fused = (torch.cat([p.weight for p in parts]), bias, [p.weight.shape[0] for p in parts])
+            fused.append(m)
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.fused = None
 
 
 class DecoderLayer(nn.Module):

@@ -38,7 +38,8 @@ from ..data.chat import Message, pad_id, prompt_ids
 from ..data.packing import PAD_DOCUMENT
 from ..data.prompts import PromptRow, prompt_item
 from ..models.hf import load_hf_model, load_tokenizer
-from ..models.transformer import DecoderLayer, KVCache, local_vocab_shard, softcap_logits
+from ..models.roles import Role, RoleModel
+from ..models.transformer import DecoderLayer, KVCache, fused_projections, local_vocab_shard, softcap_logits
 
 
 def sample_next(
@@ -173,10 +174,14 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     record_trunk: bool = False,
     all_done: Callable[[bool], bool] | None = None,
+    sync_every: int | None = None,
 ) -> Generation:
     """Sample continuations of ``prompts`` (see the module docstring); ``decode`` turns response tokens
     into text for ``stop_strings``. ``all_done(mine)``: whether every rank that steps in lockstep with
-    this one (FSDP gathers each layer's weights collectively) has finished; by default, this rank."""
+    this one (FSDP gathers each layer's weights collectively) has finished; by default, this rank.
+    ``sync_every``: decode steps between the host's checks that every row has finished (None: 1 on a
+    CPU, 8 on an accelerator, which then queues steps with no device sync per token); the result does
+    not depend on it."""
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (e.g. tokenizer.decode)")
     weight = model.output_weight
@@ -199,52 +204,70 @@ def generate(
             return step(tokens, positions=pos, document_ids=doc, kv_cache=cache, record=record)
         return model(tokens, positions=pos, document_ids=doc, kv_cache=cache)
 
-    hidden = run(ids, positions, docs)[:, -1]  # (B, D)
-    next_pos = positions[:, -1] + 1  # (B,)
-    stop = torch.tensor(stop_ids, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    reasons = ["length"] * B
-    tokens_out, logps_out, docs_out = [], [], []
-    responses: list[list[int]] = [[] for _ in range(B)]
-    progress = _PROGRESS.get()
-    if progress is not None:
-        progress.start(max_new_tokens)
-    for i in range(max_new_tokens):
-        logits = full_logits(hidden, weight, model.config.final_logit_softcapping)  # (B, V) fp32
-        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(1, token[:, None])[:, 0]
-        live = ~done
-        token = torch.where(live, token, torch.full_like(token, pad_id))
-        tokens_out.append(token)
-        logps_out.append(logp)
-        docs_out.append(torch.where(live, torch.zeros_like(token), torch.full_like(token, PAD_DOCUMENT)))
-        for b in torch.nonzero(live)[:, 0].tolist():
-            responses[b].append(int(token[b]))
-        finished_now = live & torch.isin(token, stop)
-        if stop_strings:
-            for b in torch.nonzero(live & ~finished_now)[:, 0].tolist():
-                if any(s in decode(responses[b]) for s in stop_strings):
-                    finished_now[b] = True
-        for b in torch.nonzero(finished_now)[:, 0].tolist():
-            reasons[b] = "stop"
-        done |= finished_now
-        finished = bool(done.all())
-        if all_done is not None:
-            finished = all_done(finished)
+    # RL roles decode with the trunk and the policy head only: the other heads need no fused copies
+    decoding = [model.trunk, model.head(Role.POLICY)] if isinstance(model, RoleModel) else [model]
+    with fused_projections(*decoding):  # q/k/v and gate/up as one GEMM each while decoding
+        hidden = run(ids, positions, docs)[:, -1]  # (B, D)
+        next_pos = positions[:, -1] + 1  # (B,)
+        stop = torch.tensor(stop_ids, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stopped = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens_out, logps_out, docs_out = [], [], []
+        texts: list[list[int]] | None = [[] for _ in range(B)] if stop_strings else None
+        progress = _PROGRESS.get()
         if progress is not None:
-            progress.update(i + 1, max_new_tokens, int(done.sum()), B)
-        if finished or i == max_new_tokens - 1:  # the last tokens' outputs are never needed
-            break
-        hidden = run(token[:, None], next_pos[:, None], docs_out[-1][:, None])[:, -1]
-        next_pos = next_pos + live.long()
-    if record is not None:  # the last sampled tokens were never fed: one trunk step completes the states
-        record.append(model.trunk(tokens_out[-1][:, None], positions=next_pos[:, None],
-                                  document_ids=docs_out[-1][:, None], kv_cache=cache))
-    sequences = torch.cat([ids, torch.stack(tokens_out, dim=1)], dim=1)
-    document_ids = torch.cat([docs, torch.stack(docs_out, dim=1)], dim=1)
+            progress.start(max_new_tokens)
+        # The host learns whether every row has finished every `check` steps: each step on CPU, every 8 on
+        # a GPU so that decoding queues work without a device sync per token (finished rows decode padding
+        # meanwhile; those columns are cut off below).
+        check = sync_every or (1 if device.type == "cpu" else 8)
+        fed_last = False  # whether the last sampled token was fed (its trunk states recorded)
+        for i in range(max_new_tokens):
+            logits = full_logits(hidden, weight, model.config.final_logit_softcapping)  # (B, V) fp32
+            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(1, token[:, None])[:, 0]
+            live = ~done
+            token = torch.where(live, token, torch.full_like(token, pad_id))
+            tokens_out.append(token)
+            logps_out.append(logp)
+            docs_out.append(torch.where(live, torch.zeros_like(token), torch.full_like(token, PAD_DOCUMENT)))
+            finished_now = live & torch.isin(token, stop)
+            if texts is not None:  # stop strings need the text so far: the host reads every token
+                for b in torch.nonzero(live)[:, 0].tolist():
+                    texts[b].append(int(token[b]))
+                for b in torch.nonzero(live & ~finished_now)[:, 0].tolist():
+                    if any(s in decode(texts[b]) for s in stop_strings):
+                        finished_now[b] = True
+            stopped |= finished_now
+            done |= finished_now
+            fed_last = False
+            if i == max_new_tokens - 1:  # the last tokens' outputs are never needed
+                break
+            if (i + 1) % check == 0 or texts is not None:
+                finished = bool(done.all())
+                if all_done is not None:
+                    finished = all_done(finished)
+                if progress is not None:
+                    progress.update(i + 1, max_new_tokens, int(done.sum()), B)
+                if finished:
+                    break
+            hidden = run(token[:, None], next_pos[:, None], docs_out[-1][:, None])[:, -1]
+            next_pos = next_pos + live.long()
+            fed_last = True
+        if record is not None and not fed_last:  # one trunk step completes the states of the last tokens
+            record.append(model.trunk(tokens_out[-1][:, None], positions=next_pos[:, None],
+                                      document_ids=docs_out[-1][:, None], kv_cache=cache))
+    live_steps = torch.stack(docs_out, dim=1).eq(0)  # (B, T) a row is live for a prefix of the steps
+    lengths = live_steps.sum(1).tolist()
+    T = max(lengths)  # steps decoded after every row had finished are cut off
+    sequences = torch.cat([ids, torch.stack(tokens_out, dim=1)[:, :T]], dim=1)
+    document_ids = torch.cat([docs, torch.stack(docs_out, dim=1)[:, :T]], dim=1)
+    new_tokens = sequences[:, P:].tolist()
+    responses = [row[:n] for row, n in zip(new_tokens, lengths)]
     logps = torch.stack(logps_out, dim=1).tolist()
+    reasons = ["stop" if s else "length" for s in stopped.tolist()]
     if progress is not None:
-        progress.end(B, sum(len(r) for r in responses))
+        progress.end(B, sum(lengths))
     return Generation(
         sequences=sequences,
         document_ids=document_ids,
@@ -252,7 +275,7 @@ def generate(
         responses=responses,
         logprobs=[row[: len(r)] for row, r in zip(logps, responses)],
         finish_reasons=reasons,
-        trunk_states=torch.cat(record, dim=1) if record is not None else None,
+        trunk_states=torch.cat(record, dim=1)[:, : P + T] if record is not None else None,
     )
 
 
