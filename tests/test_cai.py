@@ -371,6 +371,34 @@ def test_rlaif_stage_writes_rankings_the_rm_reads(judge, tmp_path):
         run_rlaif(load_config("configs/rlaif_tiny.yaml", [f"data.train_path={bad}", f"trainer.out_dir={tmp_path / 'b'}"]))
 
 
+@pytest.mark.slow
+def test_rlaif_labeler_in_iterate_writes_soft_labels_and_retrains_the_rm(judge, tmp_path):
+    import yaml
+
+    from rlhf_engine.data.preference import parse_ranking
+    from rlhf_engine.stages.iterate import run_iterated
+
+    recipe = {
+        "model": {"hf_path": str(judge), "trunk_layers": 1},
+        "data": {"seq_len": 96, "builtin_rows": 200, "eval_fraction": 0.05},
+        "optim": {"lr": 2.0e-3, "schedule": "constant"},
+        "algorithm": {"rl": {"prompts_per_rollout": 8, "group": 2, "kl_coef": 0.02, "eval_prompts": 8}},
+        "rollout": {"max_new_tokens": 8},
+        "iterate": {"rounds": 1, "prompts_per_round": 8, "responses_per_prompt": 3, "labeler": "ai",
+                    "rm_steps": 4, "rl_steps": 2},
+        "rlaif": {"judge_path": str(judge), "constitution_path": str(judge / "constitution.yaml")},
+        "trainer": {"max_steps": 1, "micro_batch_size": 4, "out_dir": str(tmp_path / "run")},
+        "logging": {"log_every": 5, "progress_bar": False, "tensorboard": False},
+    }
+    (tmp_path / "it.yaml").write_text(yaml.safe_dump(recipe))
+    summary = run_iterated(load_config(tmp_path / "it.yaml"))
+    rows = read_rows(tmp_path / "run/round_0/rankings.jsonl", parse_ranking)
+    assert rows and all(r.soft is not None for r in rows)
+    labeler = summary["rounds"][0]["labeler"]
+    assert labeler["questions"] == 2 * sum(len(r.soft) for r in rows)  # both orders of every labelled pair
+    assert summary["rounds"][0]["rm_heldout_accuracy"] is not None
+
+
 def test_iterate_accepts_the_ai_labeler(judge, tmp_path):
     from rlhf_engine.labelers import AILabeler, build_labeler
 

@@ -110,3 +110,23 @@ def test_pipeline_starts_from_a_local_hf_checkpoint_with_grpo(tmp_path):
     assert not (out / "pretrain").exists() and (out / "rl" / "hf" / "config.json").exists()
     assert s["rl_algorithm"] == "grpo" and math.isfinite(s["gold_reward_rl"])
     assert len(load_tokenizer(out / "sft" / "hf")) == 400  # the checkpoint's own tokenizer, carried through
+
+
+def test_rankings_compare_each_distinct_sample_once(tmp_path, monkeypatch):
+    """Repeated samples of one prompt are ranked once (the ranking format refuses a response twice); a
+    prompt left with one distinct sample is skipped; both are counted."""
+    from rlhf_engine.data.preference import parse_ranking
+    from rlhf_engine.data.reader import read_rows
+    from rlhf_engine.stages import pipeline
+
+    samples = [["The lemon is warm.", "The lemon is warm.", "A rock.", "The lemon is bright."],
+               ["Same.", "Same.", "Same.", "Same."],
+               ["One.", "Two.", "Three.", "Four."]]
+    monkeypatch.setattr(pipeline, "sample_from_policy", lambda path, rows, cfg, k, seed: samples[: len(rows)])
+    cfg = quickstart_config([f"trainer.out_dir={tmp_path}"])
+    prompts = [{"prompt": [{"role": "user", "content": f"Describe the {o}."}]} for o in ("lemon", "stone", "river")]
+    stats = pipeline.make_rankings(cfg, "unused", prompts, tmp_path)
+    rows = read_rows(tmp_path / "data" / "rankings.jsonl", parse_ranking)
+    assert [len(r.responses) for r in rows] == [3, 4]
+    assert rows[0].responses == ("The lemon is warm.", "A rock.", "The lemon is bright.")
+    assert stats["ranked_prompts"] == 2 and stats["duplicate_samples_dropped"] == 1 + 3
