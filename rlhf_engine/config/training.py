@@ -179,6 +179,10 @@ class RolloutConfig:
     """Sample among the k most likely tokens; 0 disables."""
     top_p: float = 1.0
     """Sample within the smallest set of tokens whose mass reaches top_p; 1 disables."""
+    fuse_projections: bool = True
+    """Decode with q/k/v and gate/up as one GEMM each, over concatenated copies of those weights made for
+    the generation (about 3/4 of the decoder's weights again, while generating; tensor-parallel and FSDP
+    shards, LoRA and FP8 layers are never fused). False decodes with the separate projections."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:

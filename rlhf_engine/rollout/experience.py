@@ -208,7 +208,7 @@ class ExperienceMaker:
         gen = generate(decoder, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
                        stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, temperature=r.temperature,
                        top_k=r.top_k, top_p=r.top_p, generator=generator, record_trunk=record,
-                       all_done=self.all_done)
+                       all_done=self.all_done, fuse=r.fuse_projections)
         if decoder is model:
             _reshard(model)
         del decoder  # a generation copy is freed before the experience pass

@@ -175,13 +175,14 @@ def generate(
     record_trunk: bool = False,
     all_done: Callable[[bool], bool] | None = None,
     sync_every: int | None = None,
+    fuse: bool = True,
 ) -> Generation:
     """Sample continuations of ``prompts`` (see the module docstring); ``decode`` turns response tokens
     into text for ``stop_strings``. ``all_done(mine)``: whether every rank that steps in lockstep with
     this one (FSDP gathers each layer's weights collectively) has finished; by default, this rank.
     ``sync_every``: decode steps between the host's checks that every row has finished (None: 1 on a
     CPU, 8 on an accelerator, which then queues steps with no device sync per token); the result does
-    not depend on it."""
+    not depend on it. ``fuse``: decode inside ``fused_projections`` (``rollout.fuse_projections``)."""
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (e.g. tokenizer.decode)")
     weight = model.output_weight
@@ -206,6 +207,7 @@ def generate(
 
     # RL roles decode with the trunk and the policy head only: the other heads need no fused copies
     decoding = [model.trunk, model.head(Role.POLICY)] if isinstance(model, RoleModel) else [model]
+    decoding = decoding if fuse else []
     with fused_projections(*decoding):  # q/k/v and gate/up as one GEMM each while decoding
         hidden = run(ids, positions, docs)[:, -1]  # (B, D)
         next_pos = positions[:, -1] + 1  # (B,)
@@ -295,7 +297,8 @@ def sample_responses(model, tokenizer, conversations: list[list[Message]], cfg: 
     r = cfg.rollout
     gen = generate(model, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens=r.max_new_tokens,
                    stop_ids=[tokenizer.eos_token_id], pad_id=pad_id(tokenizer), temperature=r.temperature,
-                   top_k=r.top_k, top_p=r.top_p, generator=torch.Generator().manual_seed(cfg.trainer.seed))
+                   top_k=r.top_k, top_p=r.top_p, generator=torch.Generator().manual_seed(cfg.trainer.seed),
+                   fuse=r.fuse_projections)
     return [{"prompt": p[-1].content, "response": tokenizer.decode(o, skip_special_tokens=True).strip(),
              "reference": conv[len(p)].content} for p, o, conv in zip(prompts, gen.responses, conversations)]
 
@@ -308,6 +311,6 @@ def sample_from_policy(policy_path: str, rows: list[PromptRow], cfg: RunConfig, 
     r = cfg.rollout
     gen = generate(model, [p.ids for p in items for _ in range(k)], max_new_tokens=r.max_new_tokens,
                    stop_ids=[tok.eos_token_id], pad_id=pad_id(tok), temperature=r.temperature or 1.0, top_k=r.top_k,
-                   top_p=r.top_p, generator=torch.Generator().manual_seed(seed))
+                   top_p=r.top_p, generator=torch.Generator().manual_seed(seed), fuse=r.fuse_projections)
     texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in gen.responses]
     return [texts[i * k : (i + 1) * k] for i in range(len(rows))]
