@@ -169,24 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     quick.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pipeline.rl_steps=50")
     quick.set_defaults(func=_pipeline)
-    pipe = sub.add_parser("pipeline", help="pretrain -> SFT -> RM -> RL (or DPO) on the built-in task, from a recipe")
-    pipe.add_argument("--config", required=True, help="YAML recipe, e.g. configs/quickstart.yaml")
-    pipe.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    pipe.set_defaults(func=_pipeline)
-
-    iterate = sub.add_parser("iterate", help="iterated RLHF: rounds of collect comparisons -> retrain RM -> continue RL")
-    iterate.add_argument("--config", required=True, help="YAML recipe with an iterate: section")
-    iterate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. iterate.rounds=3")
-    iterate.set_defaults(func=_iterate)
-
-    cai = sub.add_parser("cai", help="Constitutional AI: critique-revision data from a constitution, then SFT on it")
-    cai.add_argument("--config", required=True, help="YAML recipe with a cai: section, e.g. configs/cai_tiny.yaml")
-    cai.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. cai.rounds=2")
-    cai.set_defaults(func=_constitutional)
-    rlaif = sub.add_parser("rlaif", help="RLAIF: an AI judge ranks responses under a constitution (soft labels for rm)")
-    rlaif.add_argument("--config", required=True, help="YAML recipe with an rlaif: section, e.g. configs/rlaif_tiny.yaml")
-    rlaif.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rlaif.comparison=kwise")
-    rlaif.set_defaults(func=_constitutional)
+    for name, text, recipe, example, func in (
+        ("pipeline", "pretrain -> SFT -> RM -> RL (or DPO) on the built-in task, from a recipe",
+         "YAML recipe, e.g. configs/quickstart.yaml", "pipeline.rl_algorithm=grpo", _pipeline),
+        ("iterate", "iterated RLHF: rounds of collect comparisons -> retrain RM -> continue RL",
+         "YAML recipe with an iterate: section", "iterate.rounds=3", _iterate),
+        ("cai", "Constitutional AI: critique-revision data from a constitution, then SFT on it",
+         "YAML recipe with a cai: section, e.g. configs/cai_tiny.yaml", "cai.rounds=2", _constitutional),
+        ("rlaif", "RLAIF: an AI judge ranks responses under a constitution (soft labels for rm)",
+         "YAML recipe with an rlaif: section, e.g. configs/rlaif_tiny.yaml", "rlaif.comparison=kwise", _constitutional),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--config", required=True, help=recipe)
+        command.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+        command.set_defaults(func=func)
 
     plan = sub.add_parser("plan", help="dry run: per-rank memory of a layout on a fake mesh (no GPUs, no allocation)")
     plan.add_argument("--config", required=True, help="YAML recipe, e.g. configs/gpt3_175b_ppo.yaml")

@@ -455,3 +455,15 @@ def test_rlaif_rm_loss_on_soft_labels_equals_the_hand_computed_cross_entropy():
     assert float(loss) == pytest.approx(want, rel=1e-6)
     hard = F.logsigmoid(torch.tensor(g - f))  # t = 1 is InstructGPT's -log sigmoid exactly
     assert ce(g, f, 1.0) == pytest.approx(-float(hard), rel=1e-6)
+
+
+def test_cai_command_line_reports_a_bad_constitution_in_one_line(judge, tmp_path, capsys):
+    from rlhf_engine.cli import main
+
+    bad = tmp_path / "constitution.yaml"
+    bad.write_text("principles:\n  - name: kind\n    critique: Be kinder?\n")
+    code = main(["cai", "--config", "configs/cai_tiny.yaml", f"model.hf_path={judge}", f"cai.constitution_path={bad}",
+                 f"trainer.out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: {bad}:2: principles[0] ('kind'): critique and revision requests come together")

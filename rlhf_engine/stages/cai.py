@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +35,8 @@ from ..data.constitution import as_messages, critique_messages, load_constitutio
 from ..data.prompts import PromptRow, parse_prompt_row
 from ..data.reader import read_rows
 from ..models import load_hf_model, load_tokenizer
-from ..parallel.runtime import init_runtime
 from ..rollout.sampling import GenerationProgress, generate
-from .common import derive, write_summary
+from .common import derive, single_process_run, write_summary
 from .sft import run_sft
 
 
@@ -125,12 +123,8 @@ def critique_and_revise(cfg: RunConfig, rows: list[PromptRow], device) -> tuple[
 def run_cai(cfg: RunConfig) -> dict[str, Any]:
     """Write the revisions, then (``cai.sft``) fine-tune the policy on them; returns the summary."""
     start = time.perf_counter()
-    rt = init_runtime(cfg)
-    if rt.world_size > 1:
-        raise ValueError("rlhf-engine cai generates in one process; run its SFT under torchrun with "
-                         "rlhf-engine sft data.train_path=<out_dir>/revisions.jsonl")
-    out = Path(cfg.trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rt, out = single_process_run(cfg, "rlhf-engine cai generates in one process; run its SFT under torchrun "
+                                      "with rlhf-engine sft data.train_path=<out_dir>/revisions.jsonl")
     rows, counts = critique_and_revise(cfg, load_cai_prompts(cfg), rt.device)
     if not rows:
         raise ValueError(f"the critique-revision loop produced no revision ({counts}); nothing to fine-tune on")

@@ -97,6 +97,17 @@ def derive(cfg: RunConfig, source: str = "derived", **sections: dict[str, Any]) 
     return validate(tree, source)
 
 
+def single_process_run(cfg: RunConfig, refusal: str) -> tuple[Runtime, Path]:
+    """The runtime and the created ``trainer.out_dir`` of a command that runs in one process (it starts
+    stages itself); ``refusal`` says what to do instead when launched on several."""
+    rt = init_runtime(cfg)
+    if rt.world_size > 1:
+        raise ValueError(refusal)
+    out = Path(cfg.trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return rt, out
+
+
 def open_run(cfg: RunConfig, rt: Runtime) -> Path:
     """Create ``trainer.out_dir`` (rank 0); seed torch. The config is recorded by ``record_config`` once
     the run is known to start or resume."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +35,8 @@ from ..data.reader import read_rows
 from ..labelers import build_labeler
 from ..models import load_tokenizer
 from ..models.score import load_score_model
-from ..parallel.runtime import init_runtime
 from ..rollout.sampling import GenerationProgress, sample_from_policy
-from .common import derive, write_summary
+from .common import derive, single_process_run, write_summary
 from .reward import run_reward_model
 from .rl import run_rl
 
@@ -63,12 +61,8 @@ def run_iterated(cfg: RunConfig) -> dict[str, Any]:
     it, sft_path = cfg.iterate, cfg.model.hf_path
     if sft_path is None:
         raise ValueError("iterated RLHF starts from an SFT export: set model.hf_path (and model.architecture: null)")
-    rt = init_runtime(cfg)
-    if rt.world_size > 1:
-        raise ValueError("rlhf-engine iterate runs its rounds in one process; launch the rm and rl stages "
-                         "under torchrun yourself for multi-GPU rounds")
-    out = Path(cfg.trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rt, out = single_process_run(cfg, "rlhf-engine iterate runs its rounds in one process; launch the rm and rl "
+                                      "stages under torchrun yourself for multi-GPU rounds")
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or sft_path)
     train_rows, _ = load_prompt_rows(cfg)
     policy, rm_path = sft_path, None

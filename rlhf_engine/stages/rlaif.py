@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
@@ -24,9 +23,8 @@ from ..data.preference import MAX_RANKED, parse_prompt
 from ..data.prompts import PromptRow, parse_prompt_row
 from ..data.reader import read_rows
 from ..labelers import AILabeler
-from ..parallel.runtime import init_runtime
 from ..rollout.sampling import GenerationProgress, sample_from_policy
-from .common import write_summary
+from .common import single_process_run, write_summary
 
 
 def parse_comparison_row(row: Any) -> tuple[PromptRow, list[str] | None]:
@@ -46,13 +44,9 @@ def parse_comparison_row(row: Any) -> tuple[PromptRow, list[str] | None]:
 
 def run_rlaif(cfg: RunConfig) -> dict[str, Any]:
     start = time.perf_counter()
-    rt = init_runtime(cfg)
-    if rt.world_size > 1:
-        raise ValueError("rlhf-engine rlaif labels in one process")
     if cfg.data.train_path is None:
         raise ValueError("rlaif reads the rows to label from data.train_path")
-    out = Path(cfg.trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rt, out = single_process_run(cfg, "rlhf-engine rlaif labels in one process")
     parsed = read_rows(cfg.data.train_path, parse_comparison_row)
     rows = [p for p, _ in parsed]
     to_sample = [i for i, (_, ys) in enumerate(parsed) if ys is None]
