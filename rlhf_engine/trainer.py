@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .algorithms.objective import Objective
+from .algorithms.objective import Objective, is_maximum, merge_stats
 from .config import OptimConfig, RunConfig
 from .data.streams import Batch, Step, StepTotals
 from .faults import StopSignals, Stopped, TrainingError, finite_or_none
@@ -178,8 +178,7 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: Sequ
         if train:
             (loss * loss_scale).backward()
         loss_total += float(loss.detach())
-        for k, v in stats.items():
-            stats_total[k] = stats_total.get(k, 0.0) + v
+        merge_stats(stats_total, stats)
     return loss_total, stats_total
 
 
@@ -460,7 +459,7 @@ class Trainer(Generic[B]):
             loss, sums = forward_backward(self.model, self.objective, batches, unit, train=False)
             mean = lambda v, count: v / max(totals[count], 1)  # noqa: E731
             out = {"eval_loss": mean(loss, self.objective.target),
-                   **{f"eval_{k}": mean(v, self.objective.count_of(k)) for k, v in sums.items()}}
+                   **{f"eval_{k}": v if is_maximum(k) else mean(v, self.objective.count_of(k)) for k, v in sums.items()}}
         if self.extra_eval is not None:
             out.update(self.extra_eval(self.model))
         return out
@@ -500,13 +499,14 @@ class Trainer(Generic[B]):
                 torch.cuda.synchronize(rt.device)
             elapsed = time.perf_counter() - t0
             bad, stop = m.pop("skipped") > 0, m.pop("stop") > 0
+            maxima = {k: rt.max_over_ranks(m.pop(k)) for k in [k for k in m if is_maximum(k)]}
             sums = rt.sum_over_dp({k: v for k, v in m.items() if k not in ("grad_norm", "lr")})
             self.step += 1
             step_tokens = int(step.totals["tokens"])
             self.tokens += step_tokens
             target = step.totals[self.objective.target]
             record = {"loss": sums.pop("loss"),
-                      **{k: v / max(step.totals[self.objective.count_of(k)], 1) for k, v in sums.items()},
+                      **{k: v / max(step.totals[self.objective.count_of(k)], 1) for k, v in sums.items()}, **maxima,
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "targets": int(target),
                       "tokens_per_s": step_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(rt.device), 1),
                       "step_s": round(elapsed, 3)}

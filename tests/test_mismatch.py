@@ -160,3 +160,25 @@ def test_off_policy_grpo_learns_the_programmatic_reward(tmp_path):
     off = run_rl(_config(tmp_path / "off", "grpo", "algorithm.rl.off_policy_steps=1", "algorithm.rl.is_correction=tis"))
     gain = lambda s: s["eval_reward_final"] - s["eval_reward_initial"]  # noqa: E731
     assert gain(on) > 0.15 and gain(off) >= 0.8 * gain(on), (gain(off), gain(on))
+
+
+@pytest.mark.parametrize("mode", ["none", "tis"])
+def test_mismatch_measured_in_the_loss_equals_the_experience_pass_measurement(tmp_path, monkeypatch, mode):
+    """One step per rollout: the loss measures the mismatch and makes the tis weights from the training
+    forward, instead of a policy forward in the experience pass. Forcing that forward back gives the same
+    metrics, loss and gradient norm."""
+    from rlhf_engine.rollout.experience import ExperienceMaker
+
+    _perturbed_sampler(monkeypatch, lambda i: 0.3 if i % 3 == 0 else -0.1)
+    args = ["trainer.max_steps=2", f"algorithm.rl.is_correction={mode}"]
+    (tmp_path / "loss").mkdir()
+    run_rl(_config(tmp_path / "loss", "grpo", *args))
+    monkeypatch.setattr(ExperienceMaker, "trainer_logprobs", property(lambda self: True))
+    (tmp_path / "pass").mkdir()
+    run_rl(_config(tmp_path / "pass", "grpo", *args))
+    a, b = (_rollout_records(tmp_path / run / "grpo", "grpo") for run in ("loss", "pass"))
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for key in ("rollout/mismatch_abs_mean", "rollout/mismatch_abs_max", "rollout/mismatch_kl", "loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+        assert x["rollout/mismatch_abs_max"] == pytest.approx(0.3, abs=1e-4)

@@ -13,7 +13,7 @@ Each loss is the micro-batch's share already divided by the whole optimizer step
 (``totals[target]`` for a plain mean; an algorithm may divide by several, as RL does by response tokens
 and sequences), so the sum over micro-batches, passes and data-parallel ranks is the step's loss.
 ``stats`` are *sums*; the trainer adds them over micro-batches and ranks and divides each by the total
-named in ``stat_counts`` (default: ``target``). ``target`` is also what the trainer reports as ``targets``.
+named in ``stat_counts`` (default: ``target``); a stat named ``*_max`` is a maximum instead (``merge_stats``). ``target`` is also what the trainer reports as ``targets``.
 """
 
 from __future__ import annotations
@@ -47,9 +47,21 @@ class Objective:
             inputs = dict(p.inputs)
             part, part_stats = p.loss(model(inputs.pop("input_ids"), **inputs), totals)
             loss = part if loss is None else loss + part
-            for k, v in part_stats.items():
-                stats[k] = stats.get(k, 0.0) + v
+            merge_stats(stats, part_stats)
         return loss, stats
 
     def count_of(self, stat: str) -> str:
         return self.stat_counts.get(stat, self.target)
+
+
+def is_maximum(stat: str) -> bool:
+    """A stat named ``*_max`` is a maximum: merged by max over passes, micro-batches and ranks, and
+    reported as it is (every other stat is a sum, reported divided by its count)."""
+    return stat.endswith("_max")
+
+
+def merge_stats(total: dict[str, float], part: Mapping[str, float]) -> dict[str, float]:
+    """Add ``part``'s stats into ``total`` (in place): sums add, maxima (``is_maximum``) take the larger."""
+    for k, v in part.items():
+        total[k] = (max(total[k], v) if k in total else v) if is_maximum(k) else total.get(k, 0.0) + v
+    return total

@@ -37,6 +37,7 @@ from ..data.packing import IGNORE_INDEX
 from ..data.streams import StepTotals
 from ..models.roles import Role
 from .advantages import AdvantageInputs, Reduce, masked_whiten
+from .mismatch import correction_weights, mismatch_sums
 from .objective import ModelPass, Objective
 
 if TYPE_CHECKING:  # typing only: the config layer sits above the algorithms
@@ -145,7 +146,14 @@ def rl_objective(s: RLSettings) -> Objective:
         w = step_weights(b.mask, s.aggregation, totals, s.max_new_tokens)  # (n, T)
         kl_coef = b.kl_coef if s.kl_in == "loss" else 0.0
         old = out.logp.detach() if b.on_policy else b.old_logp
-        adv = b.advantages if b.is_weight is None else b.advantages * b.is_weight  # tis/mis: w * surrogate
+        # One step per rollout (on-policy) without mis: this forward is the trainer at the sampling weights,
+        # so the mismatch and the tis weights come from it (b.old_logp then holds the sampler's log-probs)
+        # and the experience pass does not run the policy for them (algorithms/mismatch.py).
+        measured_here = b.on_policy and b.is_weight is None
+        is_weight = b.is_weight
+        if measured_here and c.is_correction == "tis":
+            is_weight, _ = correction_weights(old, b.old_logp, b.mask, "tis", c.is_threshold)
+        adv = b.advantages if is_weight is None else b.advantages * is_weight  # tis/mis: w * surrogate
         pol = ppo_policy_loss(out.logp, old, adv, b.mask, clip_eps=clip, clip_eps_high=c.clip_eps_high
                               if s.algorithm.clip else None, dual_clip=c.dual_clip if s.algorithm.clip else None,
                               entropy=out.entropy, entropy_coef=c.entropy_coef, ref_logp=b.ref_logp, kl=out.kl,
@@ -156,6 +164,10 @@ def rl_objective(s: RLSettings) -> Objective:
         per_seq = totals["sequences"]  # the loss parts are reported per sequence: sum x sequences / sequences
         stats = {k: float(pol.metrics[k]) * n_tok for k in TOKEN_STATS if k in pol.metrics}
         stats["pg_loss"] = float(pol.metrics["pg_loss"]) * per_seq
+        if measured_here and c.log_mismatch:
+            mm = mismatch_sums(old, b.old_logp, b.mask)
+            stats.update({"rollout/mismatch_abs_mean": mm["abs"], "rollout/mismatch_kl": mm["kl"],
+                          "rollout/mismatch_abs_max": mm["max"]})
         if s.critic:
             val = value_loss(out.values, b.old_values, b.returns, b.mask, clip_eps=c.value_clip, weights=w)
             loss = loss + c.value_coef * val.loss
@@ -169,7 +181,8 @@ def rl_objective(s: RLSettings) -> Objective:
         ptx = -(out.logp * valid).sum() / max(totals["ptx_tokens"], 1.0)
         return c.ptx_coef * ptx, {"ptx_loss": float(ptx.detach()) * totals["sequences"]}
 
-    return Objective(passes, target="sequences", stat_counts={k: "response_tokens" for k in TOKEN_STATS})
+    return Objective(passes, target="sequences", stat_counts={k: "response_tokens" for k in (
+        *TOKEN_STATS, "rollout/mismatch_abs_mean", "rollout/mismatch_kl")})
 
 
 def settings_dict(s: RLSettings) -> dict[str, Any]:

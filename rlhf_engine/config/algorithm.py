@@ -137,8 +137,8 @@ class RLConfig:
     each token by the trainer/sampler ratio. 0: every rollout is sampled by the current policy."""
     log_mismatch: bool = True
     """Log rollout/mismatch_abs_mean, _abs_max and _kl every rollout. Runs with several steps per rollout
-    (PPO) have the trainer's log-probs anyway; one-step runs (GRPO) then add a policy forward to the
-    experience pass (off: no mismatch metrics, unless is_correction needs them)."""
+    (PPO) have the trainer's log-probs from the experience pass; one-step runs (GRPO) measure them in the
+    loss, from the training forward at the sampling weights, at no extra cost."""
     target_kl: float | None = None
     """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the rollout KL approaches this value."""
     kl_horizon: int = 10000

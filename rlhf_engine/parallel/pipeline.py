@@ -55,7 +55,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from ..algorithms.objective import ModelPass
+from ..algorithms.objective import ModelPass, merge_stats
 from ..data.streams import StepTotals
 from .dims import LayoutError
 from .fsdp import decoder_parts
@@ -214,8 +214,7 @@ class PipelinedModel(nn.Module):
                                                                      entry_stage, totals, loss_scale, train)
                     if result is not None:
                         loss_sum += result[0]
-                        for k, v in result[1].items():
-                            stats[k] = stats.get(k, 0.0) + v
+                        merge_stats(stats, result[1])
                     if train:
                         saved[(a.stage, a.mb)] = (received, outputs)
                 else:

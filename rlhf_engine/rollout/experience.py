@@ -171,9 +171,12 @@ class ExperienceMaker:
     @property
     def trainer_logprobs(self) -> bool:
         """Whether the experience pass computes the policy's log-probs: always with several steps per
-        rollout (they are the old log-probs), and for the mismatch metrics or correction otherwise."""
+        rollout (they are the old log-probs), and for mis with one (its rejected tokens leave the step's
+        token count, which is fixed before the training forward). With one step per rollout otherwise,
+        the training forward runs at the sampling weights and the loss measures the mismatch and makes
+        the tis weights from it (``algorithms/rl.py``), saving a policy forward per rollout."""
         c = self.s.cfg
-        return not self.on_policy or c.log_mismatch or c.is_correction != "none"
+        return not self.on_policy or c.is_correction == "mis"
 
     @property
     def roles(self) -> set[Role]:
