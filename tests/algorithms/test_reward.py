@@ -124,6 +124,13 @@ def test_ranking_loss_is_mean_of_pairwise_losses_and_each_response_forwards_once
     correct = sum(float(s[w] > s[lo]) for s, r in zip(alone, rows) for w, lo in r.pairs())
     assert stats["accuracy"] == correct
 
+    # algorithm.rm.pooling=mean: a response's score is the mean of its response tokens' scores
+    loss, _ = ranking_objective("pair", "mean")(model, batch, StepTotals.of([batch]))
+    with torch.no_grad():
+        pooled = [[model(torch.tensor([ids]))[0, n:, 0].mean() for ids, n in t[0]] for t in tokenized]
+    pair_losses = [pairwise_loss(s[w], s[lo]) for s, r in zip(pooled, rows) for w, lo in r.pairs()]
+    assert loss.item() == pytest.approx(torch.stack(pair_losses).mean().item(), rel=1e-5)
+
 
 @pytest.mark.slow
 def test_ranking_rm_learns_hidden_scorer_in_60_steps(tmp_path):
