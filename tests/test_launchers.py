@@ -214,6 +214,49 @@ def test_rl_under_pipeline_parallelism_matches_one_process(tmp_path, algorithm, 
     assert summary["samples"] == single["samples"] and single["samples"]  # the same sampled tokens, decoded
 
 
+OFF_POLICY = ["algorithm.name=grpo", "algorithm.rl.group=4", "algorithm.rl.epochs=1", "algorithm.rl.off_policy_steps=1",
+              "algorithm.rl.is_correction=tis", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2",
+              "trainer.max_steps=6"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_off_policy_grpo_under_tp2_pp2_matches_one_process_and_runs_under_fsdp2(tmp_path):
+    """algorithm.rl.off_policy_steps=1 on several ranks: each rank gathers the policy whole (tensor and
+    pipeline shards by collectives, in step) and samples the next rollout with it in the background.
+    Under tp2 x pp2 the run equals one process (three rollouts, two steps each: the sampled tokens, the
+    stale behaviour log-probs and their tis weights); under FSDP2 each rank samples its own share, the
+    first rollout by the sharded model itself (mismatch 0), later ones by the older copy (mismatch > 0)."""
+    from rlhf_engine.cli import main
+
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(RL_PP)
+    assert main(["rl", "--config", str(recipe), *OFF_POLICY, f"trainer.out_dir={tmp_path / 'single'}"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    for name, nproc, layout in (("tp2_pp2", 4, ["parallel.tp=2", "parallel.pp=2"]), ("fsdp2", 2, ["parallel.dp_shard=2"])):
+        proc = subprocess.run(
+            [str(ROOT / "scripts/torchrun.sh"), str(nproc), "rl", "--config", str(recipe), *OFF_POLICY, *layout,
+             f"trainer.out_dir={tmp_path / name}", f"model.tokenizer_path={tmp_path / 'single' / 'tokenizer'}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["world_size"] == nproc and summary["finished"]
+    for key in ("loss", "grad_norm", "rollout/reward", "rollout/kl", "rollout/mismatch_abs_mean", "rollout/mismatch_kl"):
+        a, b = _records(tmp_path / "single", key), _records(tmp_path / "tp2_pp2", key)
+        assert len(a) == len(b) > 0, key
+        assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-3, (key, a, b)
+    single = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert json.loads((tmp_path / "tp2_pp2" / "summary.json").read_text())["samples"] == single["samples"]
+    stale = _records(tmp_path / "single", "rollout/mismatch_abs_mean")
+    assert len(stale) == 3 and stale[0] <= 1e-5 and min(stale[1:]) > 1e-3  # rollouts 1, 2: the older policy's
+    # FSDP2, one step per rollout: rollout r was sampled at the weights before step r, which trained on
+    # rollout r - 1; it is stale exactly when that step moved the weights (no gradient: a group of equal rewards)
+    fsdp, moved = _records(tmp_path / "fsdp2", "rollout/mismatch_abs_mean"), _records(tmp_path / "fsdp2", "grad_norm")
+    assert len(fsdp) == len(moved) == 6 and fsdp[0] <= 1e-5 and any(g > 1e-3 for g in moved[:5]), (fsdp, moved)
+    for r in range(1, 6):
+        assert (fsdp[r] > 1e-3) == (moved[r - 1] > 1e-6), (r, fsdp, moved)
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_ppo_3d_tiny_runs_on_8_ranks(tmp_path):

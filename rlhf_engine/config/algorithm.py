@@ -132,7 +132,8 @@ class RLConfig:
     """C of tis and mis (verl and ms-swift default to 2)."""
     off_policy_steps: Literal[0, 1] = 0
     """1: rollout t+1 is sampled by the policy as it was before training on rollout t, in a background
-    thread while the trainer trains on rollout t (one process); its experience pass then runs at the
+    thread while the trainer trains on rollout t (on several ranks, each rank gathers trunk + policy head
+    whole and samples its share with that copy); its experience pass then runs at the
     current weights, whose log-probs are the PPO ratio's old ones, and is_correction (required) weights
     each token by the trainer/sampler ratio. 0: every rollout is sampled by the current policy."""
     log_mismatch: bool = True

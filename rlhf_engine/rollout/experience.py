@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from rlhf_kernels import kl_estimate
+from torch.distributed.tensor import DTensor
 
 from ..algorithms.rl import RLSettings
 from ..config import RolloutConfig
@@ -193,12 +194,14 @@ class ExperienceMaker:
     @torch.no_grad()
     def sample(self, prompts: Sequence[PromptItem], generator: torch.Generator, *, group: int | None = None,
                decoder: Any = None) -> Sampled:
-        """Generation only. ``decoder``: a model to decode with instead (e.g. ``snapshot()``'s copy, from a
-        background thread while the trainer updates ``model``, which this then never touches)."""
+        """Generation only. ``decoder``: a model to decode with instead (``snapshot()``'s whole copy, from a
+        background thread while the trainer updates ``model``, which this then never touches; each rank
+        decodes it alone, so without the lockstep across data-parallel ranks)."""
         model, r, s = self.model, self.rollout, self.s
         G = s.cfg.group if group is None else group
         items = [p for p in prompts for _ in range(G)]  # group members are consecutive
         t0 = time.perf_counter()
+        all_done = self.all_done if decoder is None else None
         if decoder is None:
             model.eval()
             decoder = self.generation_model() if self.generation_model is not None else model
@@ -211,21 +214,32 @@ class ExperienceMaker:
         gen = generate(decoder, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
                        stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, temperature=r.temperature,
                        top_k=r.top_k, top_p=r.top_p, generator=generator, record_trunk=record,
-                       all_done=self.all_done, fuse=r.fuse_projections)
+                       all_done=all_done, fuse=r.fuse_projections)
         if decoder is model:
             _reshard(model)
         del decoder  # a generation copy is freed before the experience pass
         return Sampled(items, gen, record, {"generation_copy_s": t1 - t0, "generation_s": time.perf_counter() - t1})
 
+    @torch.no_grad()
     def snapshot(self) -> RoleModel:
-        """Trunk + policy head as they are now, copied (one process): what samples the next rollout while
-        the trainer updates this one (``algorithm.rl.off_policy_steps=1``)."""
+        """Trunk + policy head as they are now, copied whole onto this rank: what samples the next rollout
+        while the trainer updates this one (``algorithm.rl.off_policy_steps=1``). Under tensor, FSDP or
+        pipeline parallelism the copy is gathered unsharded (a collective every rank makes at the same
+        point), so decoding it in a background thread makes no collective that could interleave with the
+        trainer's: each rank samples its share of the next rollout alone. It costs one whole copy of
+        trunk + policy head per rank while it decodes."""
         model = self.model
+        keep = lambda name: name.startswith(("trunk.", "heads.policy."))  # noqa: E731
+        if hasattr(model, "gather_state"):  # a PipelinedModel: every stage's tensors, unsharded (on the CPU)
+            state = model.gather_state(keep)
+        else:
+            state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                     for k, v in model.state_dict().items() if keep(k)}
+        device = next(iter(model.parameters())).device
         with torch.device("meta"):
             copy = RoleModel(model.config, model.trunk_layers, roles=(Role.POLICY,), lora=model.lora)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("trunk.", "heads.policy."))}
-        copy.load_state_dict(state, strict=True, assign=True)
-        return copy.eval()
+        copy.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+        return copy.requires_grad_(False).eval()
 
     @torch.no_grad()
     def score(self, sampled: Sampled) -> Rollout:

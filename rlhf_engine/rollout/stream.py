@@ -69,9 +69,6 @@ class ExperienceStream:
                              f"micro_batch_size={t.micro_batch_size}")
         if len(self.prompts) < c.prompts_per_rollout:
             raise ValueError(f"{len(self.prompts)} training prompts < algorithm.rl.prompts_per_rollout={c.prompts_per_rollout}")
-        if c.off_policy_steps and (rt.mesh is not None or maker.generation_model is not None):
-            raise ValueError("algorithm.rl.off_policy_steps=1 overlaps sampling with training in one process; "
-                             "with several ranks it is not supported yet")
         self.kl = KLController(c.kl_coef, c.target_kl, c.kl_horizon)
         self.next: tuple[int, Future | Sampled] | None = None  # off-policy: (rollout index, its generation)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if c.off_policy_steps else None
