@@ -20,14 +20,19 @@ def test_rlhf_kernels_imports_without_the_engine():
 
 
 def test_kernels_directory_does_not_shadow_huggingface_kernels():
-    # From the repository root (cwd on sys.path, as under `python -m pytest`), `kernels` must not look
-    # like Hugging Face's `kernels` package to transformers, and holds no importable module.
+    # From the repository root (cwd on sys.path, as under `python -m pytest`), our `kernels/` directory must
+    # not stand in for Hugging Face's `kernels` package (a dependency of transformers >= 5.2x): transformers
+    # sees it exactly when that distribution is installed, `import kernels` resolves to it (or to nothing),
+    # and none of our modules is importable as `kernels.*`.
     code = (
-        "import importlib, importlib.util\n"
+        "import importlib, importlib.metadata, importlib.util, os\n"
         "from transformers.utils import is_kernels_available\n"
-        "assert not is_kernels_available(), 'transformers thinks kernels is installed'\n"
+        "try:\n    importlib.metadata.version('kernels'); installed = True\n"
+        "except importlib.metadata.PackageNotFoundError:\n    installed = False\n"
+        "assert is_kernels_available() == installed, (is_kernels_available(), installed)\n"
         "spec = importlib.util.find_spec('kernels')\n"
-        "assert spec is None or spec.origin is None, spec\n"
+        "ours = os.path.realpath('kernels') + os.sep\n"
+        "assert spec is None or spec.origin is None or not os.path.realpath(spec.origin).startswith(ours), spec\n"
         "try:\n    importlib.import_module('kernels.reference')\nexcept ImportError:\n    pass\n"
         "else:\n    raise AssertionError('kernels.reference importable')\n"
     )
