@@ -144,6 +144,27 @@ def test_top_k_and_top_p_restrict_support():
     assert sample_next(logits[:3], temperature=0.0).tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("scale", [4.0, 0.5])  # a peaked and a flat distribution (small and large nucleus)
+def test_sampled_frequencies_equal_the_hand_computed_nucleus_distribution(scale):
+    torch.manual_seed(3)
+    logits = torch.randn(40) * scale
+    T, top_k, top_p = 0.7, 30, 0.9
+    # by hand: softmax(logits / T) over the top_k, sorted, keep while the mass before < top_p, renormalise
+    z = logits / T
+    z = torch.where(z >= z.topk(top_k).values[-1], z, torch.tensor(float("-inf")))
+    p = z.softmax(-1).double()
+    ps, order = p.sort(descending=True)
+    keep = (ps.cumsum(0) - ps) < top_p
+    expected = torch.zeros(40, dtype=torch.float64)
+    expected[order[keep]] = ps[keep] / ps[keep].sum()
+    n = 40000
+    draws = sample_next(logits.repeat(n, 1), temperature=T, top_k=top_k, top_p=top_p,
+                        generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=40).double() / n
+    assert set(draws.unique().tolist()) <= set(order[keep].tolist())  # never outside the nucleus
+    assert (freq - expected).abs().max() < 4 * (expected * (1 - expected) / n).sqrt().max() + 1e-3
+
+
 def _tp_generate_body():
     import os
     from pathlib import Path

@@ -26,6 +26,7 @@ runtime refuses backend ``te`` with tp > 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -77,6 +78,11 @@ def _torchao(model: nn.Module, cfg: FP8Config, names: set[str]) -> nn.Module:
     config = Float8LinearConfig.from_recipe_name(cfg.recipe)
     if cfg.float8_all_gather:
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+    if not torch.cuda.is_available():
+        # No FP8 tensor cores: the same e4m3/e5m2 casts and scales, with each GEMM on the dequantized
+        # operands (fp32 accumulation, as _scaled_mm's). torch's CPU _scaled_mm took 64 ms per call at
+        # (256 x 64) x (64 x 192) on a 2-core Xeon, about 300x the emulated GEMM.
+        config = dataclasses.replace(config, emulate=True)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in names)
     return model
 
