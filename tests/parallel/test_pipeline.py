@@ -176,8 +176,8 @@ def _layout_body():
                     want_stats[k] = want_stats.get(k, 0.0) + v
             assert abs(got["loss"] - want_loss) <= 1e-5 * max(1, abs(want_loss)), (kind, step, got["loss"], want_loss)
             for k, v in want_stats.items():
-                # clip fractions count tokens past a threshold (summed as counts here): a token within
-                # ~1e-6 of it may fall either side between layouts whose weights agree to 1e-5
+                # clip fractions count tokens past a threshold (summed as counts here): a token at the
+                # threshold may fall either side between layouts whose weights agree to 1e-5
                 tol = 1.0 + 1e-4 * abs(v) if k.endswith("clip_fraction") else 1e-4 * max(1, abs(v))
                 assert abs(got[k] - v) <= tol, (kind, step, k, got[k], v)
             with_grad = set()
