@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        runtime = sys.modules.get("rlhf_engine.parallel.runtime")  # loaded only by commands that ran a stage
+        if runtime is not None:
+            runtime.shutdown_runtime()
 
 
 if __name__ == "__main__":

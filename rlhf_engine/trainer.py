@@ -475,7 +475,12 @@ class Trainer(Generic[B]):
         ``faults.Stopped``; ``trainer.max_bad_steps`` non-finite steps in a row end it with
         ``faults.TrainingError``, the last good checkpoint intact."""
         with StopSignals() as signals:
-            return self._fit(self.resume() if resumed is None else resumed, signals)
+            try:
+                return self._fit(self.resume() if resumed is None else resumed, signals)
+            finally:
+                close = getattr(self.source, "close", None)  # an off-policy stream's background sampler
+                if close is not None:
+                    close()
 
     def _fit(self, resumed: bool, signals: StopSignals) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt

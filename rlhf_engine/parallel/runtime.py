@@ -32,6 +32,7 @@ from .schedules import check_schedule
 from .tensor_parallel import apply_tensor_parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_OWN_PROCESS_GROUP = False  # set when init_runtime created the default process group (not an embedding stack)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -153,11 +154,24 @@ def init_runtime(cfg: RunConfig) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
+            global _OWN_PROCESS_GROUP
             # a rank that stops answering fails every collective after parallel.timeout_s, not torch's 30 minutes
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(seconds=cfg.parallel.timeout_s))
+            _OWN_PROCESS_GROUP = True
         mesh = dims.build_mesh(device.type)
     return Runtime(device=device, dims=dims, mesh=mesh, rank=rank)
+
+
+def shutdown_runtime() -> None:
+    """Destroy the process group ``init_runtime`` created (a no-op for one process, or for a group the
+    embedding stack owns). Left to interpreter exit, the backend's worker threads can be torn down by
+    static destructors while still joinable, and the rank aborts (``terminate called without an active
+    exception``) after a run that finished."""
+    global _OWN_PROCESS_GROUP
+    if _OWN_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_PROCESS_GROUP = False
 
 
 def check_layout(cfg: RunConfig, dims: ParallelDims, device_type: str = "cpu") -> None:

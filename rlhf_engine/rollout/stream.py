@@ -212,6 +212,12 @@ class ExperienceStream:
             state["next"] = (index, sampled.result() if isinstance(sampled, Future) else sampled)
         return state
 
+    def close(self) -> None:
+        """Off-policy: wait for the background sampler and stop its thread, before the process group goes.
+        (A generation still queued is dropped; one already decoding finishes: it cannot be interrupted.)"""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
     def load_rank_state(self, state: dict[str, Any] | None) -> None:
         if state is None:
             self.index = 0  # no buffer saved: the next step collects a fresh rollout
