@@ -39,6 +39,13 @@ class RankingRMConfig:
     words a frozen trunk passes up even where the last token's state does not gather them (README's
     design note, ``rlhf-engine probe``'s 'mean' column); it is saved with the export and used wherever
     the RM scores (RL's reward, evaluation, iterate)."""
+    head_attention: Literal["copy", "uniform"] = "copy"
+    """How the first trainable layer above the trunk cut starts its attention. copy: as the SFT model's.
+    uniform: its query projection starts at zero, so every position attends equally to everything it
+    can see and the score token starts from the mean of the trunk's states (the probe's 'mean' readout);
+    training sharpens the attention from there. Measured on the quickstart task with a frozen trunk (README
+    design note): an RM that stayed at chance on one seed of three reaches the labelers' agreement on all
+    three. The weights keep their shapes: the export is a plain Hugging Face sequence classifier."""
     soft_labels: bool = True
     """Rows with soft labels (an AI labeler's probabilities, docs/data.md) train on them: each labelled
     pair (i, j, p) costs -(p log sigmoid(r_i - r_j) + (1 - p) log sigmoid(r_j - r_i)), the cross entropy

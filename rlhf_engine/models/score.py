@@ -64,15 +64,27 @@ class ScoreModel(nn.Module):
     @classmethod
     def from_lm(cls, lm: Transformer, trunk_layers: int, num_outputs: int = 1,
                 generator: torch.Generator | None = None, lora: LoRAConfig | None = None,
-                pooling: str = "last") -> "ScoreModel":
+                pooling: str = "last", head_attention: str = "copy") -> "ScoreModel":
         """Trunk and head layers copied from a language model (the SFT model); the score is drawn from
-        N(0, 1/(D+1)) as in InstructGPT-style RMs started from an LM (small, so initial scores are near 0)."""
+        N(0, 1/(D+1)) as in InstructGPT-style RMs started from an LM (small, so initial scores are near 0).
+
+        ``head_attention="uniform"``: the first head layer's query projection (weight and bias) starts at
+        zero instead, so its attention scores are all 0 and every position averages the values of all it
+        can see: att_t = (1/|V_t|) sum_{s in V_t} W_v x_s. The last token then starts from the mean of the
+        trunk's states over the sequence, a readout that a linear probe measures (``rlhf-engine probe``,
+        'mean' column) even where the copied attention does not gather it; training sharpens it from there.
+        With LoRA the zeroed base stays frozen and the query is the adapters' low-rank update."""
+        if head_attention not in ("copy", "uniform"):
+            raise ValueError(f"head_attention must be 'copy' or 'uniform', got {head_attention!r}")
         with torch.device("meta"):
             model = cls(lm.config, trunk_layers, num_outputs, lora=lora, pooling=pooling)
         src = lm.state_dict()
         state = {}
+        query = f"head.layers.{trunk_layers}.self_attn.q_proj."
         for name, value in model.state_dict().items():
-            if is_adapter(name):
+            if head_attention == "uniform" and name.startswith(query) and not is_adapter(name):
+                state[name] = torch.zeros(value.shape)
+            elif is_adapter(name):
                 state[name] = fresh_adapter(name, value.shape, generator)
             elif name == "bias":
                 state[name] = torch.zeros(num_outputs)

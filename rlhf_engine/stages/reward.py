@@ -78,16 +78,17 @@ def setup_reward_model(ctx: StageContext) -> StageSetup:
     k, probe = resolve_trunk_layers(cfg, lm, tokenizer, train_rows, eval_rows) if name == "rm" else (
         _number_of_layers(cfg), {})
     pooling = cfg.algorithm.rm.pooling if name == "rm" else "last"  # Sparrow and rules read the last token
+    head_attention = cfg.algorithm.rm.head_attention if name == "rm" else "copy"
     model = ScoreModel.from_lm(lm, k, len(labels) if labels else 1,
                                generator=torch.Generator().manual_seed(cfg.trainer.seed), lora=cfg.model.lora,
-                               pooling=pooling)
+                               pooling=pooling, head_attention=head_attention)
     del lm
     model = rt.parallelize(model, cfg)
     train, held_out = (RowBatcher(cfg, tokenizer, rows, kind) for rows in (train_rows, eval_rows))
 
     def summarize(result: dict[str, Any]) -> dict[str, Any]:
         return {"algorithm": name, "train_rows": len(train_rows), "heldout_rows": len(eval_rows), "trunk_layers": k,
-                "pooling": pooling,
+                "pooling": pooling, "head_attention": head_attention,
                 **({"probe": probe} if probe else {}),
                 "heldout_accuracy_initial": result["first_eval"].get("eval_accuracy"),
                 "heldout_accuracy": result["final_eval"].get("eval_accuracy"),

@@ -78,3 +78,39 @@ def test_mean_pooled_score_is_the_mean_over_response_tokens_and_survives_export(
     assert back.pooling == "mean"
     with pytest.raises(ValueError, match="pooling"):
         ScoreModel(CFG, 1, pooling="max")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_uniform_head_attention_starts_as_the_causal_mean_of_the_values(tmp_path, family):
+    """``head_attention="uniform"``: the first head layer's query (weight and, for Qwen2, bias) starts at
+    zero and every other weight as copied, so that layer's attention output at position t is
+    o_proj of the mean of v_proj over positions 0..t, per query head from its key/value head (GQA),
+    computed here by hand from the layer's own input; the export stays a transformers classifier."""
+    lm = _lm(family)
+    copy = ScoreModel.from_lm(lm, 1, generator=torch.Generator().manual_seed(1))
+    model = ScoreModel.from_lm(lm, 1, generator=torch.Generator().manual_seed(1), head_attention="uniform")
+    attn = model.head.layers["1"].self_attn
+    assert not attn.q_proj.weight.any() and (attn.q_proj.bias is None or not attn.q_proj.bias.any())
+    ours, theirs = model.state_dict(), copy.state_dict()
+    changed = {n for n in ours if not torch.equal(ours[n], theirs[n])}
+    assert "head.layers.1.self_attn.q_proj.weight" in changed  # (a copied bias may already be 0)
+    assert changed <= {"head.layers.1.self_attn.q_proj.weight", "head.layers.1.self_attn.q_proj.bias"}
+    seen = {}
+    attn.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        scores = model(ids)[:, -1, 0]
+        x = seen["x"]  # (B, S, D) the attention's (normed) input
+        B, S, _ = x.shape
+        h, kvh, d = CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
+        v = attn.v_proj(x).view(B, S, kvh, d).repeat_interleave(h // kvh, dim=2)  # (B, S, h, d)
+        mean = v.cumsum(dim=1) / torch.arange(1, S + 1).view(1, S, 1, 1)  # causal mean over 0..t
+        want = attn.o_proj(mean.reshape(B, S, h * d))
+        torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-6)
+    save_score_model(model, tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        for b in range(ids.shape[0]):  # no pad token in this config: one row at a time
+            torch.testing.assert_close(hf(ids[b : b + 1]).logits[0, 0], scores[b], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="head_attention"):
+        ScoreModel.from_lm(lm, 1, head_attention="zero")
