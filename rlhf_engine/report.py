@@ -52,6 +52,21 @@ def over_optimisation(out: Path) -> str | None:
             "peak, a larger KL coefficient or a better RM would keep the gain.")
 
 
+def shared_trunk(m: dict[str, Any] | None) -> str:
+    """The RL stage's measured savings of one shared frozen trunk (``models.roles.measure_sharing``)."""
+    if not m:
+        return ""
+    text = (f"**Shared trunk.** The RL roles (policy, reference, reward and any critic) ran over one frozen trunk "
+            f"of {m['trunk_layers']} of {m['layers']} layers. Measured in this run: weights {m['weights_mb']:.1f} MiB against "
+            f"{m['weights_mb_separate']:.1f} MiB for separate models ({m['weights_mb'] / m['weights_mb_separate']:.2f}x)")
+    if "train_state_mb" in m:
+        text += (f"; gradients and AdamW state {m['train_state_mb']:.1f} MiB against {m['train_state_mb_separate']:.1f} "
+                 f"({m['train_state_mb'] / m['train_state_mb_separate']:.2f}x)")
+    return text + (f"; one experience forward of every role on the last rollout {m['experience_ms']:.1f} ms against "
+                   f"{m['experience_ms_separate']:.1f} ms with a trunk pass per role "
+                   f"({m['experience_ms'] / m['experience_ms_separate']:.2f}x).")
+
+
 def _plots(out: Path, summary: dict[str, Any]) -> list[str]:
     import matplotlib  # lazy: matplotlib is slow to import and only the report draws
 
@@ -162,6 +177,7 @@ In `reward_vs_kl.png` the stars are this table's rows; the held-out curve is the
 evaluation every few steps (its step numbers marked), on fewer samples, so its step-0 point differs from
 the table's SFT row by sampling noise.
 {over_optimisation(out) or ""}
+{shared_trunk(s.get("shared_trunk"))}
 {(s.get("sft_start") or {}).get("explanation", "")}
 {note}
 {chr(10).join(f'![{p}]({p})' for p in plots)}

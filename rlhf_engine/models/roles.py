@@ -371,6 +371,58 @@ class RoleModel(nn.Module):
         return full
 
 
+@torch.no_grad()
+def measure_sharing(
+    model: RoleModel,
+    input_ids: torch.Tensor,  # (B, S) a batch of the run's own sequences (e.g. its last rollout)
+    *,
+    document_ids: torch.Tensor | None = None,  # (B, S)
+    targets: torch.Tensor | None = None,  # (B, S) next tokens, -100 where ignored
+    repeats: int = 3,
+) -> dict[str, float]:
+    """What one shared frozen trunk saves against separate models, measured on ``model`` itself.
+
+    Memory, in MiB of the tensors as held: the weights (the trunk once plus every head, against one trunk
+    per head: separate models of the same shape) and, without LoRA, the training state of the trainable
+    roles (policy, critic): a gradient per trainable weight and AdamW's two fp32 moments, for their heads
+    here and for their whole models (trunk included) when separate. Time: one forward of every role on
+    the batch over one trunk pass, against each role run alone (its own trunk pass, as a separate model's
+    lower layers run), the median of ``repeats`` after a warm-up."""
+    import statistics
+    import time
+
+    if model.trunk is None:
+        raise ValueError("measure_sharing needs a shared trunk (trunk_layers > 0)")
+    mib = lambda params: sum(p.numel() * p.element_size() for p in params) / 2**20  # noqa: E731
+    trunk = mib(model.trunk.parameters())
+    heads = {name: mib(head.parameters()) for name, head in model.heads.items()}
+    out: dict[str, float] = {"trunk_layers": model.trunk_layers, "layers": model.config.num_layers,
+                             "weights_mb": trunk + sum(heads.values()),
+                             "weights_mb_separate": len(heads) * trunk + sum(heads.values())}
+    if model.lora is None:
+        roles = [r for r in (Role.POLICY, Role.CRITIC) if r.value in model.heads]  # GRPO has no critic
+        trainable = model.trainable_parameters(roles)
+        state = lambda mb, n: mb + 2 * n * 4 / 2**20  # noqa: E731  gradient + AdamW's fp32 moments
+        n_heads = sum(p.numel() for p in trainable)
+        n_trunk = sum(p.numel() for p in model.trunk.parameters())
+        n_roles = len(roles)
+        out["train_state_mb"] = state(mib(trainable), n_heads)
+        out["train_state_mb_separate"] = state(mib(trainable) + n_roles * trunk, n_heads + n_roles * n_trunk)
+
+    def timed(roles) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first warms up
+            t0 = time.perf_counter()
+            for group in roles:
+                model(input_ids, roles=group, document_ids=document_ids, targets=targets)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]) * 1e3
+
+    out["experience_ms"] = timed([model.roles])
+    out["experience_ms_separate"] = timed([[r] for r in model.roles])
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def in_trunk(name: str, k: int) -> bool:
     """Whether a decoder parameter (our names) belongs to the frozen trunk of k layers."""
     if name.startswith("embed_tokens."):

@@ -276,7 +276,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         "gold_reward_sft": before["gold"], "gold_reward_rl": after["gold"],
         "proxy_reward_sft": before["proxy"], "proxy_reward_rl": after["proxy"],
         "kl_final": after["kl"], "response_length_sft": before["length"], "response_length_rl": after["length"],
-        "final_policy": policy_path, "sft_start": start_of_sft, "stage_seconds": timings, "wall_s": round(time.perf_counter() - start, 1),
+        "final_policy": policy_path, "shared_trunk": final.get("shared_trunk"), "sft_start": start_of_sft, "stage_seconds": timings, "wall_s": round(time.perf_counter() - start, 1),
     }
     merge_metrics(out, [s for s in ("pretrain", "sft", "rm", "rl", "dpo") if (out / s / "metrics.jsonl").exists()])
     write_report(out, summary, before["samples"][:6], after["samples"][:6])

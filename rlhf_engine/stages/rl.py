@@ -31,7 +31,7 @@ from ..data.chat import pad_id
 from ..data.demonstrations import pretraining_examples, sft_stream
 from ..data.prompts import PromptItem, load_prompt_rows, prompt_item, prompt_texts
 from ..data.reader import DataError
-from ..models.roles import RoleModel
+from ..models.roles import RoleModel, measure_sharing
 from ..parallel.dims import LayoutError
 from ..parallel.runtime import DTYPES, Runtime
 from ..rollout.assembly import build_roles, generation_copy
@@ -109,9 +109,17 @@ def setup_rl(ctx: StageContext) -> StageSetup:
     groups = [ParamGroup("critic", lambda n: "heads.critic." in n, cfg.optim.critic_lr)] \
         if settings.critic and cfg.optim.critic_lr is not None else []
 
+    def sharing() -> dict[str, Any]:
+        """One process with a shared trunk: its savings against separate models, measured on the last rollout."""
+        b = stream.buffer
+        if b is None or rt.world_size > 1 or not isinstance(model, RoleModel) or model.trunk is None:
+            return {}
+        model.eval()
+        return {"shared_trunk": measure_sharing(model, b.input_ids, document_ids=b.document_ids, targets=b.targets)}
+
     def summarize(result: dict[str, Any]) -> dict[str, Any]:
         first, final = result["first_eval"], result["final_eval"]
-        return {**settings_dict(settings), "rollouts": stream.rollout_index,
+        return {**settings_dict(settings), "rollouts": stream.rollout_index, **sharing(),
                 "reward_model_on_shared_trunk": bias is not None,
                 "eval_reward_initial": first.get("eval_reward"), "eval_reward_final": final.get("eval_reward"),
                 "eval_kl_final": final.get("eval_kl"), "kl_coef_final": stream.kl.value,

@@ -151,3 +151,39 @@ def test_trunk_and_heads_under_tp2_equal_one_process():
     from torchrun_helper import torchrun
 
     torchrun(_tp_roles_body, nproc=2)
+
+
+@pytest.mark.parametrize("tie,critic", [(True, True), (False, True), (True, False)])
+def test_measured_sharing_equals_the_memory_of_separate_models_built_and_stepped(tie, critic):
+    """``measure_sharing``'s memory against an oracle that builds both layouts and counts their tensors:
+    k = 0 (whole models) against a trunk of 2, each after one AdamW step of the trainable roles (policy
+    and critic; GRPO's roles have no critic)."""
+    from rlhf_engine.models.roles import measure_sharing
+
+    cfg = TransformerConfig(**{**CFG.__dict__, "tie_word_embeddings": tie})
+    sft, rm = Transformer(cfg), Transformer(cfg)
+    sft.reset_parameters(torch.Generator().manual_seed(0))
+    rm.reset_parameters(torch.Generator().manual_seed(1))
+    ids, docs, targets = _batch()
+
+    roles = [Role.POLICY, Role.REFERENCE, Role.REWARD] + ([Role.CRITIC] if critic else [])
+    trained = [Role.POLICY] + ([Role.CRITIC] if critic else [])
+
+    def held(model):  # MiB of weights, and of gradients + AdamW moments after one step
+        opt = torch.optim.AdamW(model.trainable_parameters(trained), lr=1e-3)
+        out = model(ids, document_ids=docs, targets=targets, roles=trained)
+        (out.logp.sum() + (out.values.sum() if critic else 0)).backward()
+        opt.step()
+        mib = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
+        state = [t for s in opt.state.values() for t in s.values() if t.dim() > 0]
+        return mib(model.parameters()), mib([p.grad for p in model.parameters() if p.grad is not None]) + mib(state)
+
+    shared = RoleModel.from_sft(sft, 2, reward=rm, roles=roles)
+    m = measure_sharing(shared, ids, document_ids=docs, targets=targets, repeats=1)
+    weights, train_state = held(shared)
+    weights_separate, train_state_separate = held(RoleModel.from_sft(sft, 0, reward=rm, roles=roles))
+    assert m["weights_mb"] == pytest.approx(weights, abs=0.006)  # rounded to 0.01 MiB
+    assert m["weights_mb_separate"] == pytest.approx(weights_separate, abs=0.006)
+    assert m["train_state_mb"] == pytest.approx(train_state, abs=0.006)
+    assert m["train_state_mb_separate"] == pytest.approx(train_state_separate, abs=0.006)
+    assert {"experience_ms", "experience_ms_separate"} <= set(m) and (m["trunk_layers"], m["layers"]) == (2, 4)
