@@ -32,6 +32,8 @@ import contextlib
 import enum
 import json
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
@@ -388,9 +390,6 @@ def measure_sharing(
     here and for their whole models (trunk included) when separate. Time: one forward of every role on
     the batch over one trunk pass, against each role run alone (its own trunk pass, as a separate model's
     lower layers run), the median of ``repeats`` after a warm-up."""
-    import statistics
-    import time
-
     if model.trunk is None:
         raise ValueError("measure_sharing needs a shared trunk (trunk_layers > 0)")
     mib = lambda params: sum(p.numel() * p.element_size() for p in params) / 2**20  # noqa: E731
