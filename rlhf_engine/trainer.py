@@ -74,6 +74,9 @@ class StepSource(Protocol[B]):
 
     def load_rank_state(self, state: dict[str, Any] | None) -> None: ...
 
+    def close(self) -> None:
+        """Called when ``fit`` ends, however it ends: stop any background work (off-policy sampling)."""
+
 
 # ---------------------------------------------------------------------------------------------- optimizer
 
@@ -478,9 +481,7 @@ class Trainer(Generic[B]):
             try:
                 return self._fit(self.resume() if resumed is None else resumed, signals)
             finally:
-                close = getattr(self.source, "close", None)  # an off-policy stream's background sampler
-                if close is not None:
-                    close()
+                self.source.close()
 
     def _fit(self, resumed: bool, signals: StopSignals) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt

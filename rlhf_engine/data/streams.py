@@ -135,6 +135,9 @@ class GlobalSteps(Generic[B]):
     def load_rank_state(self, state: dict[str, Any] | None) -> None:
         pass
 
+    def close(self) -> None:
+        pass  # no background work
+
 
 def shuffled(n: int, seed: int, epoch: int) -> list[int]:
     """The epoch's order of ``n`` rows: a shuffle seeded by (seed, epoch), the same on every rank."""

@@ -105,9 +105,8 @@ def rope_cos_sin(
     in fp32. The signed sin has its first half negated, so that rotate_half(x) * sin, with rotate_half(x) =
     (-x2, x1), is x.roll(d/2) * signed sin: the same products exactly, one op fewer (``apply_rope``)."""
     freqs = positions[..., None].float() * inv_freq.float()  # (B, S, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, d)
-    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (B, S, d)
-    return emb.cos().to(dtype), sin.to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()  # (B, S, d/2) each
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # (B, S, d) each
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -224,8 +223,7 @@ def _fusable(linears: list[nn.Module]) -> bool:
     """Plain nn.Linear with plain tensors (not LoRA wrappers, Transformer Engine or FP8 modules, DTensor
     shards, or meta tensors), all of one dtype and device."""
     weights = [m.weight for m in linears]
-    return (all(type(m) is nn.Linear for m in linears) and all(type(w) is torch.Tensor or type(w) is nn.Parameter
-                                                               for w in weights)
+    return (all(type(m) is nn.Linear for m in linears) and all(_plain(w) for w in weights)
             and not any(w.is_meta for w in weights) and len({(w.dtype, w.device) for w in weights}) == 1)
 
 
