@@ -182,3 +182,64 @@ def test_mismatch_measured_in_the_loss_equals_the_experience_pass_measurement(tm
         for key in ("rollout/mismatch_abs_mean", "rollout/mismatch_abs_max", "rollout/mismatch_kl", "loss", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
         assert x["rollout/mismatch_abs_max"] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_off_policy_process_sampler_matches_the_thread_sampler(tmp_path):
+    """The sampler process decodes with a shared-memory copy refreshed in place each rollout and the same
+    seeded generator: at the trainer's thread count its rollouts, hence every step, equal the thread
+    sampler's (rollout 0 is sampled in the trainer by both; rollouts 1-3 by the child)."""
+    off = ["algorithm.rl.off_policy_steps=1", "algorithm.rl.is_correction=tis", "trainer.max_steps=4"]
+    runs = {}
+    for mode in ("thread", "process"):
+        run_rl(_config(tmp_path, "grpo", *off, f"trainer.out_dir={tmp_path / mode}",
+                       f"algorithm.rl.off_policy_sampler={mode}",
+                       f"algorithm.rl.off_policy_sampler_threads={torch.get_num_threads()}"))
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = [(r["loss"], r["grad_norm"], r.get("rollout/reward"), r.get("rollout/mismatch_abs_mean"))
+                      for r in rows if "loss" in r]
+    assert len(runs["thread"]) == 4 and runs["process"] == runs["thread"]
+    assert all(r[3] > 1e-4 for r in runs["process"][1:])  # rollouts 1-3 came from the older policy
+
+
+def test_off_policy_sampler_process_decodes_with_refreshed_weights_and_reports_a_dead_child():
+    """The child's generation equals ``generate`` in this process at the weights of each ``submit`` (the
+    shared copy is refreshed in place), and a child that dies is reported, not waited on."""
+    import os
+    import signal
+
+    from rlhf_engine.data.prompts import PromptItem
+    from rlhf_engine.models.transformer import Transformer, TransformerConfig
+    from rlhf_engine.rollout import generate
+    from rlhf_engine.rollout.sampler_process import SamplerProcess
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, max_position_embeddings=64)
+    model = Transformer(cfg).eval()
+    items = [PromptItem([5 + i, 7, 11 + 2 * i][: 1 + i % 3], "") for i in range(6)]
+    kwargs = dict(max_new_tokens=8, stop_ids=[3], pad_id=0, temperature=1.0, top_k=0, top_p=0.9, record_trunk=False,
+                  fuse=True)
+    threads = torch.get_num_threads()
+    sampler = SamplerProcess(threads=threads)
+    torch.set_num_threads(threads)  # equal thread counts: equal GEMM results in both processes
+    try:
+        for seed in (1, 2):
+            sampled = sampler.submit(model, items, kwargs, seed).result()
+            want = generate(model, [p.ids for p in items], generator=torch.Generator().manual_seed(seed), **kwargs)
+            assert sampled.gen.responses == want.responses and sampled.gen.logprobs == want.logprobs
+            assert sampled.items == items and sampled.timings["generation_s"] > 0
+            with torch.no_grad():  # the trainer's step: the next submit must decode with these weights
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        with pytest.raises(RuntimeError, match="one rollout at a time"):
+            sampler.submit(model, items, kwargs, 3)
+            sampler.submit(model, items, kwargs, 4)
+        sampler.pending.result()
+        os.kill(sampler.process.pid, signal.SIGKILL)
+        sampler.process.join()
+        sampler.pending = None
+        with pytest.raises(RuntimeError, match="exited with code -9"):
+            sampler.submit(model, items, kwargs, 5).result()
+    finally:
+        sampler.close()
+    assert torch.get_num_threads() == threads

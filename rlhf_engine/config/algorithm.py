@@ -138,11 +138,20 @@ class RLConfig:
     is_threshold: float = 2.0
     """C of tis and mis (verl and ms-swift default to 2)."""
     off_policy_steps: Literal[0, 1] = 0
-    """1: rollout t+1 is sampled by the policy as it was before training on rollout t, in a background
-    thread while the trainer trains on rollout t (on several ranks, each rank gathers trunk + policy head
-    whole and samples its share with that copy); its experience pass then runs at the
+    """1: rollout t+1 is sampled by the policy as it was before training on rollout t, while the trainer
+    runs rollout t's experience pass and training (in a background thread or a sampler process:
+    ``off_policy_sampler``; on several ranks, each rank gathers trunk + policy head whole and samples its
+    share with that copy); its experience pass then runs at the
     current weights, whose log-probs are the PPO ratio's old ones, and is_correction (required) weights
     each token by the trainer/sampler ratio. 0: every rollout is sampled by the current policy."""
+    off_policy_sampler: Literal["thread", "process"] = "thread"
+    """Where off_policy_steps=1 samples: ``thread``, a background thread of the trainer's process (it
+    shares the interpreter lock with the training step); ``process``, a child process per rank with a
+    shared-memory copy of trunk + policy head, whose weights are refreshed in place before each rollout
+    (``rollout/sampler_process.py``)."""
+    off_policy_sampler_threads: int = 1
+    """Intra-op threads of the sampler process (``torch.set_num_threads``), taken from the trainer's while
+    the sampler runs (the trainer keeps at least one)."""
     log_mismatch: bool = True
     """Log rollout/mismatch_abs_mean, _abs_max and _kl every rollout. Runs with several steps per rollout
     (PPO) have the trainer's log-probs from the experience pass; one-step runs (GRPO) measure them in the
@@ -213,6 +222,8 @@ class RLConfig:
             raise ValueError("is_threshold must be > 1")
         if self.off_policy_steps and self.is_correction == "none":
             raise ValueError("off_policy_steps=1 samples with the previous policy: set is_correction=tis or mis")
+        if self.off_policy_sampler_threads < 1:
+            raise ValueError("off_policy_sampler_threads must be >= 1")
 
 
 @section

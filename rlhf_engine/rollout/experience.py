@@ -191,15 +191,28 @@ class ExperienceMaker:
     def __call__(self, prompts: Sequence[PromptItem], generator: torch.Generator, *, group: int | None = None) -> Rollout:
         return self.score(self.sample(prompts, generator, group=group))
 
+    def decode_request(self, prompts: Sequence[PromptItem], group: int | None = None) -> tuple[list[PromptItem], dict[str, Any]]:
+        """The rollout's items (each prompt ``group`` times, members consecutive) and ``generate``'s keyword
+        arguments for them, but the generator and the lockstep (the same for every decoder: in this
+        process, a background thread, or a sampler process)."""
+        r, s = self.rollout, self.s
+        G = s.cfg.group if group is None else group
+        items = [p for p in prompts for _ in range(G)]
+        suffix = self.suffix if any(p.chat for p in items) else []
+        # appended end-of-turn tokens have no recorded trunk states: then the trunk runs once more
+        record = s.cfg.cache_trunk and self.model.trunk is not None and not suffix
+        return items, dict(max_new_tokens=r.max_new_tokens, stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id,
+                           temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, record_trunk=record,
+                           fuse=r.fuse_projections)
+
     @torch.no_grad()
     def sample(self, prompts: Sequence[PromptItem], generator: torch.Generator, *, group: int | None = None,
                decoder: Any = None) -> Sampled:
         """Generation only. ``decoder``: a model to decode with instead (``snapshot()``'s whole copy, from a
         background thread while the trainer updates ``model``, which this then never touches; each rank
         decodes it alone, so without the lockstep across data-parallel ranks)."""
-        model, r, s = self.model, self.rollout, self.s
-        G = s.cfg.group if group is None else group
-        items = [p for p in prompts for _ in range(G)]  # group members are consecutive
+        model = self.model
+        items, kwargs = self.decode_request(prompts, group)
         t0 = time.perf_counter()
         all_done = self.all_done if decoder is None else None
         if decoder is None:
@@ -208,17 +221,12 @@ class ExperienceMaker:
         t1 = time.perf_counter()
         if decoder is model:
             _unshard(model)
-        suffix = self.suffix if any(p.chat for p in items) else []
-        # appended end-of-turn tokens have no recorded trunk states: then the trunk runs once more
-        record = s.cfg.cache_trunk and model.trunk is not None and not suffix
-        gen = generate(decoder, [p.ids for p in items], max_new_tokens=r.max_new_tokens,
-                       stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, temperature=r.temperature,
-                       top_k=r.top_k, top_p=r.top_p, generator=generator, record_trunk=record,
-                       all_done=all_done, fuse=r.fuse_projections)
+        gen = generate(decoder, [p.ids for p in items], generator=generator, all_done=all_done, **kwargs)
         if decoder is model:
             _reshard(model)
         del decoder  # a generation copy is freed before the experience pass
-        return Sampled(items, gen, record, {"generation_copy_s": t1 - t0, "generation_s": time.perf_counter() - t1})
+        return Sampled(items, gen, kwargs["record_trunk"],
+                       {"generation_copy_s": t1 - t0, "generation_s": time.perf_counter() - t1})
 
     @torch.no_grad()
     def snapshot(self) -> RoleModel:

@@ -18,6 +18,12 @@ algorithm, and the rollout's metrics (reward and its parts, KL, lengths, KL coef
 with the next step. With ``algorithm.rl.kl_stop``, a step whose approx KL(old || new) exceeds it ends
 the rollout's epochs early (the decision uses the globally reduced step metrics, so all ranks agree).
 
+One step off-policy (``algorithm.rl.off_policy_steps=1``): when rollout r is collected, rollout r + 1
+starts decoding at once, with a copy of trunk + policy head at the current weights, in a background
+thread or a sampler process (``rollout/sampler_process.py``), while rollout r's experience pass and
+training run; r's generation was started the same way one rollout earlier (rollout 0 is sampled on the
+spot).
+
 Checkpoints: the position (rollout, micro-batch index, KL coefficient) goes into the progress record;
 the rollout buffer itself (tensors) is saved per rank, so a resumed run continues inside a rollout
 exactly where it stopped.
@@ -41,6 +47,7 @@ from ..data.prompts import PromptItem
 from ..data.streams import Step, StepTotals, shuffled
 from ..parallel.runtime import Runtime
 from .experience import ExperienceBatch, ExperienceMaker, Rollout, Sampled
+from .sampler_process import PendingSample, SamplerProcess
 
 
 class ExperienceStream:
@@ -70,8 +77,12 @@ class ExperienceStream:
         if len(self.prompts) < c.prompts_per_rollout:
             raise ValueError(f"{len(self.prompts)} training prompts < algorithm.rl.prompts_per_rollout={c.prompts_per_rollout}")
         self.kl = KLController(c.kl_coef, c.target_kl, c.kl_horizon)
-        self.next: tuple[int, Future | Sampled] | None = None  # off-policy: (rollout index, its generation)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if c.off_policy_steps else None
+        # off-policy: (rollout index, its generation: waiting in the thread or process sampler, or done)
+        self.next: tuple[int, Future | PendingSample | Sampled] | None = None
+        own_process = c.off_policy_steps and c.off_policy_sampler == "process"
+        self.executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+                         if c.off_policy_steps and not own_process else None)
+        self.sampler = SamplerProcess(c.off_policy_sampler_threads) if own_process else None
         self.rollout_index = 0  # rollouts collected so far
         self.index = 0  # next micro-batch of the current rollout's plan
         self.buffer: Rollout | None = None
@@ -91,9 +102,11 @@ class ExperienceStream:
             out.append(self.prompts[shuffled(n, self.cfg.trainer.seed, epoch)[i]])
         return out
 
+    def _seed(self, r: int) -> int:
+        return (self.cfg.trainer.seed * 1_000_003 + r) * 1009 + self.rt.dp_rank
+
     def _generator(self, r: int) -> torch.Generator:
-        seed = (self.cfg.trainer.seed * 1_000_003 + r) * 1009 + self.rt.dp_rank
-        return torch.Generator(device=self.rt.device).manual_seed(seed)
+        return torch.Generator(device=self.rt.device).manual_seed(self._seed(r))
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum a 1-D tensor over data-parallel ranks."""
@@ -106,19 +119,26 @@ class ExperienceStream:
     def collect(self) -> None:
         c = self.s.cfg
         r = self.rollout_index
-        if self.executor is None:
+        if not c.off_policy_steps:
             rollout = self.maker(self.rollout_prompts(r), self._generator(r))
         else:  # one step off-policy: rollout r was sampled while the trainer trained on r - 1
             waited = time.perf_counter()
             if self.next is not None and self.next[0] == r:
-                sampled = self.next[1].result() if isinstance(self.next[1], Future) else self.next[1]
+                sampled = self.next[1] if isinstance(self.next[1], Sampled) else self.next[1].result()
             else:  # the first rollout (or after a resume without a saved generation): sampled now
                 sampled = self.maker.sample(self.rollout_prompts(r), self._generator(r))
             waited = time.perf_counter() - waited
+            # rollout r + 1 starts decoding now, with the weights rollout r is scored and trained at, so that
+            # it overlaps rollout r's experience pass as well as its training
+            prompts, decoder = self.rollout_prompts(r + 1), self.maker.snapshot()
+            if self.sampler is not None:
+                items, kwargs = self.maker.decode_request(prompts)
+                upcoming = self.sampler.submit(decoder, items, kwargs, self._seed(r + 1))
+            else:
+                upcoming = self.executor.submit(self.maker.sample, prompts, self._generator(r + 1), decoder=decoder)
+            self.next = (r + 1, upcoming)
             rollout = self.maker.score(sampled)  # the experience pass at the current weights
             self.maker.timings["generation_wait_s"] = waited
-            self.next = (r + 1, self.executor.submit(self.maker.sample, self.rollout_prompts(r + 1),
-                                                     self._generator(r + 1), decoder=self.maker.snapshot()))
         raw = rollout.scores.clone()
         scores = raw
         if c.reward_clip is not None:
@@ -209,14 +229,17 @@ class ExperienceStream:
                  "plans": self.plans}
         if self.next is not None:
             index, sampled = self.next
-            state["next"] = (index, sampled.result() if isinstance(sampled, Future) else sampled)
+            state["next"] = (index, sampled if isinstance(sampled, Sampled) else sampled.result())
         return state
 
     def close(self) -> None:
-        """Off-policy: wait for the background sampler and stop its thread, before the process group goes.
-        (A generation still queued is dropped; one already decoding finishes: it cannot be interrupted.)"""
+        """Off-policy: wait for the background sampler and stop its thread or process, before the process
+        group goes. (A generation still queued is dropped; one already decoding finishes: it cannot be
+        interrupted.)"""
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.sampler is not None:
+            self.sampler.close()
 
     def load_rank_state(self, state: dict[str, Any] | None) -> None:
         if state is None:
