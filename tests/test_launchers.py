@@ -226,14 +226,17 @@ def test_off_policy_grpo_under_tp2_pp2_matches_one_process_and_runs_under_fsdp2(
     pipeline shards by collectives, in step) and samples the next rollout with it in the background.
     Under tp2 x pp2 the run equals one process (three rollouts, two steps each: the sampled tokens, the
     stale behaviour log-probs and their tis weights); under FSDP2 each rank samples its own share, the
-    first rollout by the sharded model itself (mismatch 0), later ones by the older copy (mismatch > 0)."""
+    first rollout by the sharded model itself (mismatch 0), later ones by the older copy (mismatch > 0),
+    here in a sampler process per rank."""
     from rlhf_engine.cli import main
 
     recipe = tmp_path / "rl.yaml"
     recipe.write_text(RL_PP)
     assert main(["rl", "--config", str(recipe), *OFF_POLICY, f"trainer.out_dir={tmp_path / 'single'}"]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
-    for name, nproc, layout in (("tp2_pp2", 4, ["parallel.tp=2", "parallel.pp=2"]), ("fsdp2", 2, ["parallel.dp_shard=2"])):
+    layouts = (("tp2_pp2", 4, ["parallel.tp=2", "parallel.pp=2"]),  # the thread sampler
+               ("fsdp2", 2, ["parallel.dp_shard=2", "algorithm.rl.off_policy_sampler=process"]))  # a child per rank
+    for name, nproc, layout in layouts:
         proc = subprocess.run(
             [str(ROOT / "scripts/torchrun.sh"), str(nproc), "rl", "--config", str(recipe), *OFF_POLICY, *layout,
              f"trainer.out_dir={tmp_path / name}", f"model.tokenizer_path={tmp_path / 'single' / 'tokenizer'}"],
@@ -255,6 +258,7 @@ def test_off_policy_grpo_under_tp2_pp2_matches_one_process_and_runs_under_fsdp2(
     assert len(fsdp) == len(moved) == 6 and fsdp[0] <= 1e-5 and any(g > 1e-3 for g in moved[:5]), (fsdp, moved)
     for r in range(1, 6):
         assert (fsdp[r] > 1e-3) == (moved[r - 1] > 1e-6), (r, fsdp, moved)
+    assert len(_records(tmp_path / "fsdp2", "rollout/sampler_peak_mem_mb")) == 5  # rollouts 1-5 came from the child
 
 
 @pytest.mark.dist
