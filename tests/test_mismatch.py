@@ -203,7 +203,8 @@ def test_off_policy_process_sampler_matches_the_thread_sampler(tmp_path):
 
 def test_off_policy_sampler_process_decodes_with_refreshed_weights_and_reports_a_dead_child():
     """The child's generation equals ``generate`` in this process at the weights of each ``submit`` (the
-    shared copy is refreshed in place), and a child that dies is reported, not waited on."""
+    shared copy is refreshed in place); it outlives the signals a launcher's process group receives, and a
+    child that dies is reported, not waited on."""
     import os
     import signal
 
@@ -235,6 +236,9 @@ def test_off_policy_sampler_process_decodes_with_refreshed_weights_and_reports_a
             sampler.submit(model, items, kwargs, 3)
             sampler.submit(model, items, kwargs, 4)
         sampler.pending.result()
+        os.kill(sampler.process.pid, signal.SIGINT)  # Ctrl-C reaches the launcher's process group: ignored
+        os.kill(sampler.process.pid, signal.SIGTERM)  # as is a scheduler's SIGTERM; the trainer stops the child
+        assert sampler.submit(model, items, kwargs, 6).result().gen.responses
         os.kill(sampler.process.pid, signal.SIGKILL)
         sampler.process.join()
         sampler.pending = None
@@ -243,3 +247,48 @@ def test_off_policy_sampler_process_decodes_with_refreshed_weights_and_reports_a
     finally:
         sampler.close()
     assert torch.get_num_threads() == threads
+
+
+def test_off_policy_sampler_process_outlives_ctrl_c_so_the_run_checkpoints_and_resumes(tmp_path):
+    """Ctrl-C reaches the launcher's whole process group, the sampler child included. The child ignores
+    it, so the trainer finishes its step, saves the rollout the child was decoding with the checkpoint and
+    exits 130; the resumed run then equals an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from test_rl_stage import BASE
+
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(yaml.safe_dump(BASE))
+    tests = Path(__file__).resolve().parent
+    code = ("import sys, test_rl_stage; from rlhf_engine.cli import main; "  # registers the low_ids reward
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent / "kernels"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+
+    def cli(out, *extra):
+        return [sys.executable, "-c", code, "rl", "--config", str(recipe), "algorithm.name=grpo",
+                "algorithm.rl.off_policy_steps=1", "algorithm.rl.is_correction=tis",
+                "algorithm.rl.off_policy_sampler=process", "trainer.max_steps=4", f"trainer.out_dir={out}", *extra]
+
+    assert subprocess.run(cli(tmp_path / "full"), env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(cli(tmp_path / "cut", "trainer.save_every=1"), env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group, as a terminal's foreground job
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "step=2 loss=" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=300)
+    err = "".join(lines) + rest
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    resumed = subprocess.run(cli(tmp_path / "cut", "trainer.save_every=1"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = [[(r["loss"], r["grad_norm"]) for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text()
+               .splitlines()) if "loss" in r] for d in ("full", "cut")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1] and any(g > 0 for _, g in losses[0])

@@ -22,12 +22,19 @@ Determinism. The child decodes with ``rollout.sampling.generate`` and a generato
 trainer's would be, so at equal intra-op thread counts the rollout equals the thread sampler's token for
 token (tested). A child that dies or raises is reported by ``result`` with its exit code or traceback,
 never waited on forever.
+
+Signals. Ctrl-C, SIGTERM and SIGUSR1 reach every process of a launcher's group. The child is started
+with them ignored, so a graceful stop (``faults``) can still collect the rollout it is decoding for the
+checkpoint; the trainer then stops it. A child whose trainer died without stopping it exits by itself.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import resource
+import signal
+import threading
 import time
 import traceback
 from typing import Any, Sequence
@@ -41,13 +48,25 @@ from .experience import Sampled
 from .sampling import generate
 
 
-def _serve(requests, results, threads: int) -> None:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # those faults.StopSignals handles
+
+
+def _serve(requests, results, threads: int, parent: int) -> None:
     """The child's loop: ("decoder", model) installs the shared decoder, ("sample", prompts, kwargs, seed)
-    decodes, None stops."""
+    decodes, None stops. Ctrl-C, SIGTERM and SIGUSR1 reach a launcher's whole process group: the child ignores them,
+    so that the trainer's graceful stop (``faults``) can still collect the pending rollout for its
+    checkpoint, and then stops the child itself. A child whose trainer died without stopping it exits."""
+    for signum in STOP_SIGNALS:  # already ignored since exec when started from the main thread
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(threads)
     decoder = None
     while True:
-        msg = requests.get()
+        try:
+            msg = requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # re-parented: the trainer is gone
+                return
+            continue
         if msg is None:
             return
         if msg[0] == "decoder":
@@ -91,9 +110,17 @@ class SamplerProcess:
     def __init__(self, threads: int = 1, *, poll_s: float = 1.0) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that holds threads and a process group
         self.requests, self.results = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=_serve, args=(self.requests, self.results, threads), daemon=True,
+        self.process = ctx.Process(target=_serve, args=(self.requests, self.results, threads, os.getpid()), daemon=True,
                                    name="rlhf-engine-sampler")
-        self.process.start()
+        # Started with the stop signals ignored (a disposition exec keeps), so that the child never dies of
+        # one, even while it is still importing; the parent's handlers are restored at once.
+        main = threading.current_thread() is threading.main_thread()
+        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS} if main else {}
+        try:
+            self.process.start()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         # the child's threads come out of the trainer's share: oversubscribed cores slow both sides' GEMMs
         self.trainer_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, self.trainer_threads - threads))
