@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validate rlhf-engine on one CUDA GPU in under 8 minutes, with no network.
+# Validate rlhf-engine on one CUDA GPU in under 9 minutes, with no network.
 #
 #   bash scripts/gpu_check.sh            # run every step, print a summary table last
 #   bash scripts/gpu_check.sh --dry-run  # print the plan (works on a CPU machine)
@@ -11,7 +11,9 @@
 #      the launch-config sweep -> linear_logprob_sweep_<gpu>.csv
 #   3. bench_train_step: a bf16 SFT step and a PPO step of a Llama-3.2-1B-shaped model, fused vs eager
 #   4. bench_fp8: a torchao FP8 step against bf16
-#   5. the summary table (scripts/gpu_summary.py)
+#   5. bench_generate: decoding against transformers' generate, eager, static KV cache, and the decode step
+#      compiled with CUDA graphs (rollout.decode_mode) -> benchmarks/results/generate_<gpu>.csv
+#   6. the summary table (scripts/gpu_summary.py)
 # Wheels the machine lacks (pydantic for the engine; liger-kernel, cut-cross-entropy and a torchao that
 # matches its torch for the comparisons) are installed with --no-deps from ./wheels/ when that folder
 # exists: scripts/fetch_gpu_wheels.sh downloads them; see the README's "Checking a GPU".
@@ -32,10 +34,11 @@ steps=(
   "linear_logprob bf16 N=16384 H=4096 V=128256|150|$py benchmarks/bench_linear_logprob.py --device cuda --dtype bfloat16 ${shape[*]} --providers eager,liger,cce,triton,triton+kl --repeats 5 --sweep"
   "train step ~1B bf16 fused vs eager|100|$py benchmarks/bench_train_step.py --steps 10"
   "fp8 torchao vs bf16|60|$py benchmarks/bench_fp8.py --steps 30"
+  "generate eager/static/compiled vs transformers|90|$py benchmarks/bench_generate.py --modes eager,static,compiled --repeats 2"
 )
 
 if [ "$dry" = 1 ]; then
-  echo "gpu_check plan (about 8 minutes in all on one H100/H200):"
+  echo "gpu_check plan (about 9 minutes in all on one H100/H200):"
   [ -d wheels ] && echo "  0. pip install --no-deps --no-index --target $site wheels/*.whl" \
                 || echo "  0. (no ./wheels folder: Liger-Kernel / cut-cross-entropy rows only if already installed)"
   i=1

@@ -80,6 +80,12 @@ def main(argv: list[str]) -> None:
                 print(f"\n{r['variant']}: {float(base['step_ms']) / float(r['step_ms']):.2f}x bf16 step speed, "
                       f"final loss {r['final_loss']} vs {base['final_loss']}")
 
+    gen = _rows("generate", tag)
+    if gen:
+        print("\ngenerate (tiny Llama, batch 16, 64 tokens): impl, mode, ms, x transformers")
+        for r in gen:
+            print(f"  {r['impl']:<26} {r['mode']:<7} {float(r['median_ms']):>8.1f} {r['speedup']:>6}x")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

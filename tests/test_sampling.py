@@ -91,6 +91,35 @@ def test_finish_checks_every_few_steps_give_the_same_generation(tmp_path, sync_e
     assert torch.equal(a.trunk_states, b.trunk_states)
 
 
+@pytest.mark.parametrize("decode_mode", ["static", "compiled"])
+def test_static_and_compiled_decoding_equal_eager_decoding(tmp_path, decode_mode):
+    """rollout.decode_mode: a fixed-shape KV cache (device-side slots, attention over every slot under the
+    causal mask), with or without torch.compile of the one-token step, samples the same tokens as the eager
+    cache, with the same log-probs and trunk states up to reduction order. Rows end at different steps
+    (stop tokens), prompts differ in length, and sampling runs through top-p; a second batch of other
+    prompt lengths within the same 64-slot cache size reuses the compiled graph."""
+    _, ours = _models(tmp_path)
+    roles = RoleModel.from_sft(ours, 2)
+    kw = dict(max_new_tokens=16, stop_ids=list(range(2, 10)), pad_id=0, temperature=1.0, top_p=0.9, record_trunk=True)
+    prompts = [_prompts(), [p[:2] + p for p in _prompts()]]
+    if decode_mode == "compiled":
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    for batch in prompts:
+        want = generate(roles, batch, **kw, generator=torch.Generator().manual_seed(3))
+        got = generate(roles, batch, **kw, generator=torch.Generator().manual_seed(3), decode_mode=decode_mode)
+        assert len(set(map(len, want.responses))) > 1 and got.responses == want.responses
+        assert got.finish_reasons == want.finish_reasons
+        assert max(abs(a - b) for x, y in zip(got.logprobs, want.logprobs) for a, b in zip(x, y)) <= 1e-5
+        real = want.document_ids == 0
+        assert torch.equal(got.sequences, want.sequences)
+        assert (got.trunk_states - want.trunk_states)[real].abs().max() <= 1e-5
+    if decode_mode == "compiled":
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for both batches
+    with pytest.raises(ValueError, match="decode_mode must be"):
+        generate(ours, _prompts(), max_new_tokens=2, stop_ids=[], pad_id=0, decode_mode="graphs")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_fused_projections_compute_what_the_separate_ones_do_and_are_dropped_after(family):
     """Inside ``fused_projections`` q/k/v and gate/up run as one GEMM each over concatenated weights."""

@@ -183,6 +183,13 @@ class RolloutConfig:
     """Decode with q/k/v and gate/up as one GEMM each, over concatenated copies of those weights made for
     the generation (about 3/4 of the decoder's weights again, while generating; tensor-parallel and FSDP
     shards, LoRA and FP8 layers are never fused). False decodes with the separate projections."""
+    decode_mode: Literal["eager", "static", "compiled"] = "eager"
+    """How decode steps run (``rollout.sampling.generate``). eager: the KV cache grows with the text.
+    static: a KV cache of fixed shape (its length rounded up to a multiple of 64), written at device-side
+    slots, so every step has the same shapes and reads nothing on the host; attention then reads every
+    slot under the causal mask (equal up to the order of its reductions). compiled: static, with the
+    one-token step through ``torch.compile``; on CUDA in mode ``reduce-overhead``, which captures CUDA
+    graphs. It compiles once per batch shape and cache size, and is slower on a CPU (README)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:

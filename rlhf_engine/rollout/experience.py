@@ -203,7 +203,7 @@ class ExperienceMaker:
         record = s.cfg.cache_trunk and self.model.trunk is not None and not suffix
         return items, dict(max_new_tokens=r.max_new_tokens, stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id,
                            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, record_trunk=record,
-                           fuse=r.fuse_projections)
+                           fuse=r.fuse_projections, decode_mode=r.decode_mode)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[PromptItem], generator: torch.Generator, *, group: int | None = None,

@@ -170,6 +170,28 @@ def _local_kv_heads(model) -> int:
     return rows // model.config.head_dim
 
 
+def _decode_step(model, tokens, positions, document_ids, cache, record: bool):
+    """One forward over the cache: (B, S) tokens -> ((B, S, D) final hidden states, (B, S, D) trunk states
+    when ``record`` else None), through trunk + policy head of a ``RoleModel`` or a ``Transformer``."""
+    if hasattr(model, "decode"):
+        states: list[torch.Tensor] | None = [] if record else None
+        hidden = model.decode(tokens, positions=positions, document_ids=document_ids, kv_cache=cache, record=states)
+        return hidden, states[0] if states else None
+    return model(tokens, positions=positions, document_ids=document_ids, kv_cache=cache), None
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_decode_step(device: torch.device) -> Callable:
+    """``_decode_step`` through ``torch.compile``, one per device type (compiled graphs are cached by torch
+    per input shapes, so a static cache of the same size reuses them across calls)."""
+    if device.type not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[device.type] = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[device.type]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -188,13 +210,20 @@ def generate(
     all_done: Callable[[bool], bool] | None = None,
     sync_every: int | None = None,
     fuse: bool = True,
+    decode_mode: str = "eager",
 ) -> Generation:
     """Sample continuations of ``prompts`` (see the module docstring); ``decode`` turns response tokens
     into text for ``stop_strings``. ``all_done(mine)``: whether every rank that steps in lockstep with
     this one (FSDP gathers each layer's weights collectively) has finished; by default, this rank.
     ``sync_every``: decode steps between the host's checks that every row has finished (None: 1 on a
     CPU, 8 on an accelerator, which then queues steps with no device sync per token); the result does
-    not depend on it. ``fuse``: decode inside ``fused_projections`` (``rollout.fuse_projections``)."""
+    not depend on it. ``fuse``: decode inside ``fused_projections`` (``rollout.fuse_projections``).
+    ``decode_mode`` (``rollout.decode_mode``): ``eager``; ``static``, a static KV cache whose decode steps have fixed
+    shapes (``KVCache(static=True)``, its length rounded up to a multiple of 64 so that few shapes occur);
+    ``compiled``, those steps through ``torch.compile`` (on CUDA in mode ``reduce-overhead``: CUDA graphs,
+    the cache at static addresses)."""
+    if decode_mode not in ("eager", "static", "compiled"):
+        raise ValueError(f"decode_mode must be eager, static or compiled, got {decode_mode!r}")
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (e.g. tokenizer.decode)")
     weight = model.output_weight
@@ -207,15 +236,21 @@ def generate(
         docs[b, P - len(p) :] = 0
     ids, docs = ids.to(device), docs.to(device)
     positions = (docs.eq(0).cumsum(dim=1) - 1).clamp(min=0)  # (B, P): 0 at each prompt's first token
-    cache = KVCache(model.config, B, P + max_new_tokens + 1, dtype=weight.dtype, device=device,
-                    num_kv_heads=_local_kv_heads(model))
+    static = decode_mode != "eager"
+    slots = P + max_new_tokens + 1
+    cache = KVCache(model.config, B, -(-slots // 64) * 64 if static else slots, dtype=weight.dtype, device=device,
+                    num_kv_heads=_local_kv_heads(model), static=static)
     record = [] if record_trunk and getattr(model, "trunk", None) is not None else None
-    step = model.decode if hasattr(model, "decode") else None
+    if decode_mode == "compiled" and device.type == "cuda":  # CUDA graphs replay at fixed addresses
+        for t in (cache.k, cache.v, cache.document_ids, cache.filled):
+            torch._dynamo.mark_static_address(t)
 
-    def run(tokens, pos, doc):
-        if step is not None:
-            return step(tokens, positions=pos, document_ids=doc, kv_cache=cache, record=record)
-        return model(tokens, positions=pos, document_ids=doc, kv_cache=cache)
+    def run(tokens, pos, doc, one_token: bool = False):
+        fn = _compiled_decode_step(device) if one_token and decode_mode == "compiled" else _decode_step
+        hidden, states = fn(model, tokens, pos, doc, cache, record is not None)
+        if states is not None:
+            record.append(states)
+        return hidden
 
     # RL roles decode with the trunk and the policy head only: the other heads need no fused copies
     decoding = [model.trunk, model.head(Role.POLICY)] if isinstance(model, RoleModel) else [model]
@@ -265,7 +300,7 @@ def generate(
                     progress.update(i + 1, max_new_tokens, int(done.sum()), B)
                 if finished:
                     break
-            hidden = run(token[:, None], next_pos[:, None], docs_out[-1][:, None])[:, -1]
+            hidden = run(token[:, None], next_pos[:, None], docs_out[-1][:, None], one_token=True)[:, -1]
             next_pos = next_pos + live.long()
             fed_last = True
         if record is not None and not fed_last:  # one trunk step completes the states of the last tokens
@@ -310,7 +345,7 @@ def sample_responses(model, tokenizer, conversations: list[list[Message]], cfg: 
     gen = generate(model, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens=r.max_new_tokens,
                    stop_ids=[tokenizer.eos_token_id], pad_id=pad_id(tokenizer), temperature=r.temperature,
                    top_k=r.top_k, top_p=r.top_p, generator=torch.Generator().manual_seed(cfg.trainer.seed),
-                   fuse=r.fuse_projections)
+                   fuse=r.fuse_projections, decode_mode=r.decode_mode)
     return [{"prompt": p[-1].content, "response": tokenizer.decode(o, skip_special_tokens=True).strip(),
              "reference": conv[len(p)].content} for p, o, conv in zip(prompts, gen.responses, conversations)]
 
@@ -323,6 +358,7 @@ def sample_from_policy(policy_path: str, rows: list[PromptRow], cfg: RunConfig, 
     r = cfg.rollout
     gen = generate(model, [p.ids for p in items for _ in range(k)], max_new_tokens=r.max_new_tokens,
                    stop_ids=[tok.eos_token_id], pad_id=pad_id(tok), temperature=r.temperature or 1.0, top_k=r.top_k,
-                   top_p=r.top_p, generator=torch.Generator().manual_seed(seed), fuse=r.fuse_projections)
+                   top_p=r.top_p, generator=torch.Generator().manual_seed(seed), fuse=r.fuse_projections,
+                   decode_mode=r.decode_mode)
     texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in gen.responses]
     return [texts[i * k : (i + 1) * k] for i in range(len(rows))]

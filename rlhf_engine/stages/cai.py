@@ -61,7 +61,8 @@ class ChatSampler:
         with GenerationProgress(f"{what}: {len(todo)} conversations"):
             gen = generate(self.model, [ids[i] for i in todo], max_new_tokens=r.max_new_tokens,
                            stop_ids=[self.tok.eos_token_id], pad_id=pad_id(self.tok), temperature=r.temperature or 1.0,
-                           top_k=r.top_k, top_p=r.top_p, generator=generator, fuse=r.fuse_projections)
+                           top_k=r.top_k, top_p=r.top_p, generator=generator, fuse=r.fuse_projections,
+                           decode_mode=r.decode_mode)
         for i, resp in zip(todo, gen.responses):
             out[i] = self.tok.decode(resp, skip_special_tokens=True).strip()
         return out

@@ -137,5 +137,6 @@ def test_gpu_check_script_is_executable_and_its_dry_run_prints_the_plan():
     assert proc.returncode == 0, proc.stderr
     plan = proc.stdout
     for step in ("-m gpu", "bench_linear_logprob.py --device cuda --dtype bfloat16 --n 16384 --hidden 4096 --vocab 128256",
-                 "liger,cce", "bench_train_step.py", "bench_fp8.py", "gpu_summary.py"):
+                 "liger,cce", "bench_train_step.py", "bench_fp8.py", "bench_generate.py --modes eager,static,compiled",
+                 "gpu_summary.py"):
         assert step in plan, step
