@@ -91,9 +91,6 @@ class PendingSample:
         self.sampler, self.items, self.record, self.copy_s = sampler, items, record, copy_s
         self._sampled = None
 
-    def done(self) -> bool:
-        return self._sampled is not None
-
     def result(self):
         if self._sampled is None:
             status, payload, stats = self.sampler._receive()
