@@ -7,6 +7,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_engine.models import RoleModel, load_hf_model
+from rlhf_engine.models.roles import Role
 from rlhf_engine.rollout import generate, sample_next
 from torchrun_helper import torchrun
 
@@ -145,6 +146,72 @@ def test_fused_projections_compute_what_the_separate_ones_do_and_are_dropped_aft
     apply_lora(model, LoRAConfig(rank=2, target_modules=["q_proj", "gate_proj"]), torch.Generator().manual_seed(1))
     with fused_projections(model):  # adapters stay on their own projections: those layers are not fused
         assert not any(m.fused is not None for m in model.modules() if isinstance(m, (Attention, SwiGLU)))
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_flat_decode_step_generates_what_the_modules_generate(tmp_path, k):
+    """generate() decodes through ``models.decode.DecodeProgram`` when it can (fuse=True); with fuse=False
+    every step runs the modules with separate projections. Same tokens, log-probs and recorded trunk
+    states, top-p sampling with rows that stop at different steps."""
+    from rlhf_engine.models.decode import DecodeProgram
+    from rlhf_engine.models.transformer import fused_projections
+
+    _, ours = _models(tmp_path)
+    roles = RoleModel.from_sft(ours, k)
+    with fused_projections(roles.trunk, roles.head(Role.POLICY)):
+        assert DecodeProgram.build(roles, 64) is not None
+    kw = dict(max_new_tokens=16, stop_ids=list(range(2, 10)), pad_id=0, temperature=1.0, top_p=0.9,
+              record_trunk=k > 0)
+    flat = generate(roles, _prompts(), **kw, generator=torch.Generator().manual_seed(3))
+    modules = generate(roles, _prompts(), **kw, generator=torch.Generator().manual_seed(3), fuse=False)
+    assert len(set(map(len, flat.responses))) > 1 and flat.responses == modules.responses
+    assert flat.finish_reasons == modules.finish_reasons and torch.equal(flat.sequences, modules.sequences)
+    assert max(abs(a - b) for x, y in zip(flat.logprobs, modules.logprobs) for a, b in zip(x, y)) <= 1e-5
+    if k:
+        real = flat.document_ids == 0
+        assert (flat.trunk_states - modules.trunk_states)[real].abs().max() <= 1e-5
+
+
+def test_flat_decode_step_is_not_built_where_it_could_differ_from_the_modules(tmp_path):
+    """Adapters (unfused projections), a forward hook (the flat step would skip it) or no fused copies at
+    all: ``DecodeProgram.build`` returns None and generation keeps the module path."""
+    from rlhf_engine.config.model import LoRAConfig
+    from rlhf_engine.models.decode import DecodeProgram
+    from rlhf_engine.models.lora import apply_lora
+    from rlhf_engine.models.transformer import fused_projections
+
+    _, ours = _models(tmp_path)
+    assert DecodeProgram.build(ours, 64) is None  # outside fused_projections
+    with fused_projections(ours):
+        assert DecodeProgram.build(ours, 64) is not None
+        handle = ours.layers["1"].mlp.register_forward_hook(lambda *a: None)
+        assert DecodeProgram.build(ours, 64) is None
+        handle.remove()
+    apply_lora(ours, LoRAConfig(rank=2, target_modules=["q_proj"]), torch.Generator().manual_seed(1))
+    with fused_projections(ours):
+        assert DecodeProgram.build(ours, 64) is None
+
+
+def test_inverse_cdf_draws_equal_a_hand_computation():
+    """sample_next draws one uniform u per row from the generator and picks the first token (in vocabulary
+    order, or by descending probability under top-p) whose cumulative probability exceeds u times the kept
+    mass. Recomputed here in float64 with the same uniforms, with top-k, top-p, both and neither."""
+    torch.manual_seed(4)
+    logits = torch.randn(64, 30) * 2
+    for top_k, top_p in [(0, 1.0), (0, 0.8), (7, 1.0), (7, 0.8)]:
+        got = sample_next(logits, temperature=0.7, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(9))
+        u = torch.rand(64, 1, generator=torch.Generator().manual_seed(9))[:, 0].double()
+        for row, token in enumerate(got.tolist()):
+            z = logits[row].double() / 0.7
+            if top_k:
+                z = torch.where(z >= z.topk(top_k).values[-1], z, torch.tensor(float("-inf"), dtype=z.dtype))
+            p = z.softmax(-1)
+            order = p.argsort(descending=True, stable=True) if top_p < 1 else torch.arange(30)
+            ps = p[order]
+            kept = int(((ps.cumsum(0) - ps) < top_p).sum()) if top_p < 1 else 30
+            target = float(u[row]) * float(ps[:kept].sum())
+            want = int(order[int((ps[:kept].cumsum(0) > target).nonzero()[0])])
+            assert token == want, (top_k, top_p, row)
 
 
 def test_stop_strings_end_a_row(tmp_path):

@@ -69,10 +69,11 @@ class KVCache:
             self.k[layer].index_copy_(2, self._slots, k)
             self.v[layer].index_copy_(2, self._slots, v)
             return self.k[layer], self.v[layer]
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, S = self.length, k.shape[2]
+        keys, values = self.k[layer], self.v[layer]  # (B, kvh, max_len, d)
+        keys.narrow(2, start, S).copy_(k)
+        values.narrow(2, start, S).copy_(v)
+        return keys.narrow(2, 0, start + S), values.narrow(2, 0, start + S)
 
     def commit(self) -> None:
         if self.static:

@@ -231,3 +231,42 @@ def test_gemma2_under_tp2_with_sequence_parallelism_equals_one_process():
     from torchrun_helper import torchrun
 
     torchrun(_tp_gemma_body, nproc=2)
+
+
+def test_flat_decode_step_equals_the_module_step(pair):
+    """``models.decode.DecodeProgram`` (generation's one-token step as one flat function) against the modules'
+    own forward over the same cache, for every family: left padding (a document of its own), windows shorter
+    than the steps, hidden states, logits and the keys/values written to the cache."""
+    from rlhf_engine.models.decode import DecodeProgram
+    from rlhf_engine.models.transformer import fused_projections, local_vocab_shard, softcap_logits
+
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(6)
+    B, P, steps = 3, 6, 9
+    ids = torch.randint(3, 97, (B, P), generator=g)
+    docs = torch.zeros(B, P, dtype=torch.long)
+    docs[0, :2] = docs[2, :4] = -1  # left padding
+    positions = (docs.eq(0).cumsum(1) - 1).clamp(min=0)
+    caches = [KVCache(ours.config, B, P + steps) for _ in range(2)]
+    with torch.no_grad(), fused_projections(ours):
+        program = DecodeProgram.build(ours, P + steps)
+        assert program is not None
+        for cache in caches:
+            ours(ids, positions=positions, document_ids=docs, kv_cache=cache)
+        pos = positions[:, -1:] + 1
+        for t in range(steps):
+            tok = torch.randint(3, 97, (B, 1), generator=g)
+            step_docs = torch.zeros(B, 1, dtype=torch.long)
+            step_docs[1] = -1 if t >= 5 else 0  # a row that finished: fed padding
+            want = ours(tok, positions=pos, document_ids=step_docs, kv_cache=caches[0])
+            got, trunk = program.step(tok, pos, step_docs, caches[1])
+            assert trunk is None and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+            weight = local_vocab_shard(ours.output_weight)[0]
+            want_logits = softcap_logits(torch.nn.functional.linear(want[:, 0], weight), ours.config.final_logit_softcapping)
+            torch.testing.assert_close(program.logits(got[:, 0]), want_logits, rtol=0, atol=1e-5)
+            pos = pos + step_docs.eq(0).long()
+    assert caches[0].length == caches[1].length == P + steps
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=2e-6)
+    torch.testing.assert_close(caches[1].v, caches[0].v, rtol=0, atol=2e-6)
+    assert torch.equal(caches[1].document_ids, caches[0].document_ids)

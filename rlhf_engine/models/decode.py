@@ -1,0 +1,218 @@
+"""The one-token decode step as one flat function over the model's weights (``rollout.sampling.generate``).
+
+A decode step at rollout batch sizes is launch-bound: its GEMMs take a few microseconds each, and the
+module path around them (a module call per norm and projection, a ``LayerContext`` per forward, rotary
+tables and masks rebuilt by the trunk and again by the head) costs more than the arithmetic.
+
+``DecodeProgram.build(model)`` reads a ``Transformer`` or a ``RoleModel`` (trunk + policy head) once, inside
+``fused_projections``, into per-layer tuples; ``step`` then runs the tensor ops of the modules' forward in
+the same order on (B, D) rows: q/k/v and gate/up fused, one rotary op over q and k, ``attention_mask``, the
+layer's own attention function, ``rms_norm``. Rotary tables are computed once per generation for every
+position it can reach (the same elementwise products as per step), and on a CPU every projection and the
+LM head run on transposed copies (``Projection``). The step's hidden states and log-probs equal the module
+path's (``tests/test_sampling.py`` checks every model family: Llama with biases and rope scaling, Mistral
+windows, Qwen2/3 with q/k norms, Gemma 2/3 with sandwich norms, softcaps, scaled embeddings and two rotary
+bases, and a trunk + policy head recording the trunk's states).
+
+``build`` returns None, and generation keeps the module path, wherever the flat step could differ from it:
+a layer whose projections are not fused (LoRA adapters, FP8 or Transformer Engine modules, tensor-parallel
+or FSDP shards), a module of another type in a layer's place (an activation-checkpoint wrapper, another
+norm), or a forward hook on any decoding module (which the flat step would skip).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from .kv_cache import KVCache
+from .transformer import (Attention, DecoderLayer, Projection, RMSNorm, SwiGLU, Transformer, apply_rope,
+                          attention_mask, rms_norm, rope_cos_sin, softcap_logits)
+
+Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Layer(NamedTuple):
+    """One decoder layer's weights and settings, read once per generation."""
+
+    index: int  # global layer index (the cache's)
+    window: int | None
+    theta: float  # rotary base (keys the rotary tables)
+    input_norm: Norm
+    post_attention_norm: Norm
+    pre_feedforward_norm: Norm | None  # sandwich norms (Gemma 2/3), else None
+    post_feedforward_norm: Norm | None
+    qkv: Projection  # (D -> (h + 2 kvh) d)
+    qkv_sizes: list[int]  # [h d, kvh d, kvh d]
+    q_norm: Norm | None
+    k_norm: Norm | None
+    head_dim: int
+    scale: float | None
+    softcap: float | None
+    attention: Callable[..., torch.Tensor]
+    o_proj: Projection
+    gate_up: Projection
+    gate_up_sizes: list[int]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    down_proj: Projection
+
+
+def _norm(module: nn.Module, dtype: torch.dtype) -> Norm:
+    """``module`` as a function of activations of ``dtype``: torch's fused op directly where ``rms_norm``
+    would choose it, else ``rms_norm``."""
+    w, eps, offset = module.weight, module.eps, module.unit_offset
+    if not offset and dtype == torch.float32 and type(w) is nn.Parameter and w.dtype == torch.float32:
+        shape = (w.shape[0],)
+        return lambda x: torch.rms_norm(x, shape, w, eps)
+    return lambda x: rms_norm(x, w, eps, offset)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+class DecodeProgram:
+    """The flat decode step of one model (see the module docstring). Build it inside ``fused_projections``."""
+
+    def __init__(self, embedder: Transformer, layers: list[_Layer], final_norm: Norm, head: Projection,
+                 trunk_layers: int, max_positions: int) -> None:
+        self.embedder = embedder  # the slice holding the embedding: its ``embed`` scales as the model's does
+        self.layers = layers
+        self.final_norm = final_norm
+        self.head = head  # LM head, D -> V
+        self.softcap = embedder.config.final_logit_softcapping
+        self.trunk_layers = trunk_layers  # the states after this many layers are the trunk's (0: no trunk)
+        weight = embedder.embed_tokens.weight
+        self.windows = list(dict.fromkeys(layer.window for layer in layers))
+        positions = torch.arange(max_positions, device=weight.device)[None]  # (1, n)
+        self.rope = {}  # theta -> ((n, d) cos, (n, d) signed sin), indexed by position at every step
+        for layer in layers:
+            if layer.theta not in self.rope:
+                cos, sin = rope_cos_sin(embedder.inv_freq(weight.device, layer.index), positions, weight.dtype)
+                self.rope[layer.theta] = (cos[0], sin[0])
+
+    @classmethod
+    def build(cls, model: nn.Module, max_positions: int) -> "DecodeProgram | None":
+        """The program of ``model`` (a ``Transformer`` with embedding, layers, final norm and LM head, or a
+        ``RoleModel``: trunk + policy head) for positions below ``max_positions``, or None where the flat
+        step could differ from the modules."""
+        from .roles import Role, RoleModel  # roles imports transformer too; imported here to keep this light
+
+        if isinstance(model, RoleModel):
+            head = model.head(Role.POLICY)
+            parts = [model.trunk, head] if model.trunk is not None else [head]
+            trunk_layers = model.trunk_layers if model.trunk is not None else 0
+        elif isinstance(model, Transformer):
+            head, parts, trunk_layers = model, [model], 0
+        else:
+            return None
+        embedder = parts[0]
+        if embedder.embed_tokens is None or head.norm is None or type(head.norm) is not RMSNorm:
+            return None
+        if type(embedder.embed_tokens) is not nn.Embedding or (head.lm_head is not None and type(head.lm_head) is not nn.Linear):
+            return None
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return None
+        if any(_hooked(m) for part in parts for m in part.modules()):
+            return None
+        dtype = embedder.embed_tokens.weight.dtype  # the activations'
+        layers = []
+        for part in parts:
+            for layer in part.layers.values():
+                entry = cls._layer(layer, model.config, dtype)
+                if entry is None:
+                    return None
+                layers.append(entry)
+        output = head.output_weight
+        if type(output) not in (torch.Tensor, nn.Parameter):
+            return None
+        return cls(embedder, layers, _norm(head.norm, dtype), Projection.of(output, None), trunk_layers, max_positions)
+
+    @staticmethod
+    def _layer(layer: nn.Module, cfg, dtype: torch.dtype) -> _Layer | None:
+        if type(layer) is not DecoderLayer:
+            return None
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn) is not Attention or type(mlp) is not SwiGLU or attn.fused is None or mlp.fused is None:
+            return None
+        norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm]
+        if layer.sandwich:
+            norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+        if any(n is not None and type(n) is not RMSNorm for n in norms):
+            return None
+        projections = [attn.o_proj, mlp.down_proj]
+        if any(type(p) is not nn.Linear or type(p.weight) is not nn.Parameter for p in projections):
+            return None
+        i = attn.layer
+        return _Layer(
+            index=i, window=cfg.layer_window(i), theta=cfg.layer_theta(i)[0],
+            input_norm=_norm(layer.input_layernorm, dtype), post_attention_norm=_norm(layer.post_attention_layernorm, dtype),
+            pre_feedforward_norm=_norm(layer.pre_feedforward_layernorm, dtype) if layer.sandwich else None,
+            post_feedforward_norm=_norm(layer.post_feedforward_layernorm, dtype) if layer.sandwich else None,
+            qkv=attn.fused[0], qkv_sizes=attn.fused[1],
+            q_norm=_norm(attn.q_norm, dtype) if attn.q_norm is not None else None,
+            k_norm=_norm(attn.k_norm, dtype) if attn.k_norm is not None else None, head_dim=attn.head_dim,
+            scale=attn.scale, softcap=attn.softcap, attention=attn.attention,
+            o_proj=Projection.of(attn.o_proj.weight, attn.o_proj.bias), gate_up=mlp.fused[0],
+            gate_up_sizes=mlp.fused[1], act=mlp.act, down_proj=Projection.of(mlp.down_proj.weight, mlp.down_proj.bias))
+
+    def step(
+        self,
+        tokens: torch.Tensor,  # (B, 1)
+        positions: torch.Tensor,  # (B, 1)
+        document_ids: torch.Tensor,  # (B, 1)
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row through every layer, its keys and values written to ``cache``: (final hidden
+        states (B, 1, D), the trunk's boundary states (B, 1, D), or None without a trunk)."""
+        x = self.embedder.embed(tokens)[:, 0]  # (B, D)
+        q_slots, k_docs = cache.begin(document_ids)
+        k_slots = torch.arange(k_docs.shape[1], device=tokens.device)
+        masks = {w: attention_mask(q_slots, k_slots, document_ids, k_docs, w) for w in self.windows}  # (B, 1, 1, Sk)
+        pos = positions[:, 0]  # (B,)
+        rope = {theta: (cos[pos][:, None], sin[pos][:, None]) for theta, (cos, sin) in self.rope.items()}  # (B, 1, d)
+        trunk = None
+        for n, layer in enumerate(self.layers):
+            if n == self.trunk_layers and n > 0:  # (a role head holds at least one layer)
+                trunk = x[:, None]
+            h = self._attention(layer, layer.input_norm(x), *rope[layer.theta], masks[layer.window], cache)
+            if layer.pre_feedforward_norm is not None:  # sandwich
+                x = x + layer.post_attention_norm(h)
+                x = x + layer.post_feedforward_norm(self._mlp(layer, layer.pre_feedforward_norm(x)))
+            else:
+                x = x + h
+                x = x + self._mlp(layer, layer.post_attention_norm(x))
+        cache.commit()
+        return self.final_norm(x)[:, None], trunk
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) final hidden states -> (B, V) fp32 logits (softcapped for Gemma 2), as ``full_logits``."""
+        return softcap_logits(self.head(hidden).float(), self.softcap)
+
+    @staticmethod
+    def _attention(layer: _Layer, x: torch.Tensor, cos, sin, mask, cache: KVCache) -> torch.Tensor:
+        """``Attention.forward`` (fused path) for one token per row: (B, D) -> (B, D)."""
+        B, d, sizes = x.shape[0], layer.head_dim, layer.qkv_sizes
+        if layer.q_norm is None:
+            qkv = layer.qkv(x)  # (B, (h + 2 kvh) d)
+            qk = apply_rope(qkv[:, : sizes[0] + sizes[1]].view(B, 1, -1, d), cos, sin)  # (B, 1, h + kvh, d)
+            q, k = qk.split([sizes[0] // d, sizes[1] // d], dim=2)
+            v = qkv[:, sizes[0] + sizes[1]:]
+        else:
+            q, k, v = layer.qkv(x).split(sizes, dim=-1)
+            q, k = layer.q_norm(q.view(B, 1, -1, d)), layer.k_norm(k.view(B, 1, -1, d))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, 1, d), (B, kvh, 1, d)
+        v = v.reshape(B, 1, -1, d).transpose(1, 2)  # (B, kvh, 1, d)
+        k, v = cache.write(layer.index, k, v)  # (B, kvh, Sk, d)
+        out = layer.attention(q, k, v, mask, scale=layer.scale, softcap=layer.softcap)  # (B, h, 1, d)
+        return layer.o_proj(out.reshape(B, -1))  # (B, D) (h = 1 query: (B, h, 1, d) is already (B, 1, h, d))
+
+    @staticmethod
+    def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """``SwiGLU.forward`` (fused path): (B, D) -> (B, D)."""
+        gate, up = layer.gate_up(x).split(layer.gate_up_sizes, dim=-1)
+        return layer.down_proj(layer.act(gate) * up)
