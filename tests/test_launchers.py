@@ -216,6 +216,9 @@ def test_rl_under_pipeline_parallelism_matches_one_process(tmp_path, algorithm, 
 
 OFF_POLICY = ["algorithm.name=grpo", "algorithm.rl.group=4", "algorithm.rl.epochs=1", "algorithm.rl.off_policy_steps=1",
               "algorithm.rl.is_correction=tis", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2",
+              # rewards that differ within groups from the first rollout on (a random model's samples), so that
+              # the first steps move the weights and the next rollouts' behaviour policy is measurably older
+              "reward.functions={no_repetition: 1.0, single_line: 1.0}", "rollout.max_new_tokens=24", "trainer.seed=1",
               "trainer.max_steps=6"]
 
 
