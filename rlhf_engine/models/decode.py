@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from .kv_cache import KVCache
+from .roles import Role, RoleModel
 from .transformer import (Attention, DecoderLayer, Projection, RMSNorm, SwiGLU, Transformer, apply_rope,
                           attention_mask, rms_norm, rope_cos_sin, softcap_logits)
 
@@ -99,8 +100,6 @@ class DecodeProgram:
         """The program of ``model`` (a ``Transformer`` with embedding, layers, final norm and LM head, or a
         ``RoleModel``: trunk + policy head) for positions below ``max_positions``, or None where the flat
         step could differ from the modules."""
-        from .roles import Role, RoleModel  # roles imports transformer too; imported here to keep this light
-
         if isinstance(model, RoleModel):
             head = model.head(Role.POLICY)
             parts = [model.trunk, head] if model.trunk is not None else [head]
