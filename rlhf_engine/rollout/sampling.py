@@ -78,7 +78,8 @@ def sample_next(
     else:  # keep a token while the mass before it is below top_p (the top token always stays)
         last = (cdf - probs < top_p).sum(dim=-1, keepdim=True) - 1  # (B, 1) the last kept index
     mass = cdf.gather(-1, last)  # (B, 1)
-    u = torch.rand(mass.shape, generator=generator, device=mass.device, dtype=mass.dtype) * mass
+    drawn_on = generator.device if generator is not None else mass.device  # a CPU generator may drive GPU sampling
+    u = torch.rand(mass.shape, generator=generator, device=drawn_on, dtype=mass.dtype).to(mass.device) * mass
     u = torch.minimum(u, torch.nextafter(mass, torch.zeros_like(mass)))  # u m may round up to m: keep u < m
     index = torch.searchsorted(cdf, u, right=True)  # (B, 1) the first cdf > u: a kept token of probability > 0
     return (index if order is None else order.gather(-1, index))[:, 0]
