@@ -30,8 +30,8 @@ from torch.nn.modules import module as _module
 
 from .kv_cache import KVCache
 from .roles import Role, RoleModel
-from .transformer import (Attention, DecoderLayer, Projection, RMSNorm, SwiGLU, Transformer, apply_rope,
-                          attention_mask, rms_norm, rope_cos_sin, softcap_logits)
+from .transformer import (Attention, DecoderLayer, Projection, RMSNorm, SwiGLU, Transformer, attention_mask,
+                          rms_norm, rope_cos_sin, softcap_logits)
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -177,13 +177,14 @@ class DecodeProgram:
         for n, layer in enumerate(self.layers):
             if n == self.trunk_layers and n > 0:  # (a role head holds at least one layer)
                 trunk = x[:, None]
-            h = self._attention(layer, layer.input_norm(x), *rope[layer.theta], masks[layer.window], cache)
+            out = self._attention(layer, layer.input_norm(x), *rope[layer.theta], masks[layer.window], cache)
             if layer.pre_feedforward_norm is not None:  # sandwich
-                x = x + layer.post_attention_norm(h)
+                x = x + layer.post_attention_norm(layer.o_proj(out))
                 x = x + layer.post_feedforward_norm(self._mlp(layer, layer.pre_feedforward_norm(x)))
-            else:
-                x = x + h
-                x = x + self._mlp(layer, layer.post_attention_norm(x))
+            else:  # the residual adds inside the output GEMMs
+                x = layer.o_proj.add_to(x, out)
+                gate, up = layer.gate_up(layer.post_attention_norm(x)).split(layer.gate_up_sizes, dim=-1)
+                x = layer.down_proj.add_to(x, layer.act(gate) * up)
         cache.commit()
         return self.final_norm(x)[:, None], trunk
 
@@ -193,22 +194,23 @@ class DecodeProgram:
 
     @staticmethod
     def _attention(layer: _Layer, x: torch.Tensor, cos, sin, mask, cache: KVCache) -> torch.Tensor:
-        """``Attention.forward`` (fused path) for one token per row: (B, D) -> (B, D)."""
+        """``Attention.forward`` (fused path) for one token per row, up to the output projection: (B, D) ->
+        (B, h d). The rotary op is ``apply_rope``'s, on (B, heads, d) rows with (B, 1, d) tables."""
         B, d, sizes = x.shape[0], layer.head_dim, layer.qkv_sizes
+        h, qk_end = sizes[0] // d, sizes[0] + sizes[1]
+        qkv = layer.qkv(x)  # (B, (h + 2 kvh) d)
         if layer.q_norm is None:
-            qkv = layer.qkv(x)  # (B, (h + 2 kvh) d)
-            qk = apply_rope(qkv[:, : sizes[0] + sizes[1]].view(B, 1, -1, d), cos, sin)  # (B, 1, h + kvh, d)
-            q, k = qk.split([sizes[0] // d, sizes[1] // d], dim=2)
-            v = qkv[:, sizes[0] + sizes[1]:]
+            qk = qkv[:, :qk_end].view(B, -1, d)  # (B, h + kvh, d)
+            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+            q, k = qk[:, :h, None], qk[:, h:, None]  # (B, h, 1, d), (B, kvh, 1, d)
         else:
-            q, k, v = layer.qkv(x).split(sizes, dim=-1)
-            q, k = layer.q_norm(q.view(B, 1, -1, d)), layer.k_norm(k.view(B, 1, -1, d))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, 1, d), (B, kvh, 1, d)
-        v = v.reshape(B, 1, -1, d).transpose(1, 2)  # (B, kvh, 1, d)
+            q, k = layer.q_norm(qkv[:, : sizes[0]].view(B, -1, d)), layer.k_norm(qkv[:, sizes[0] : qk_end].view(B, -1, d))
+            q = (q * cos + q.roll(d // 2, dims=-1) * sin)[:, :, None]  # (B, h, 1, d)
+            k = (k * cos + k.roll(d // 2, dims=-1) * sin)[:, :, None]  # (B, kvh, 1, d)
+        v = qkv[:, qk_end:].view(B, -1, 1, d)  # (B, kvh, 1, d)
         k, v = cache.write(layer.index, k, v)  # (B, kvh, Sk, d)
         out = layer.attention(q, k, v, mask, scale=layer.scale, softcap=layer.softcap)  # (B, h, 1, d)
-        return layer.o_proj(out.reshape(B, -1))  # (B, D) (h = 1 query: (B, h, 1, d) is already (B, 1, h, d))
+        return out.reshape(B, -1)  # (B, h d) (one query: (B, h, 1, d) is already (B, 1, h, d) in order)
 
     @staticmethod
     def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,13 @@ class Projection(NamedTuple):
         y = torch.mm(x2, self.weight) if self.bias is None else torch.addmm(self.bias, x2, self.weight)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + self(x) for (N, K) rows, as one GEMM that accumulates into the residual where it can
+        (no bias, transposed weight): equal up to the rounding of that one sum."""
+        if self.transposed and self.bias is None and x.dim() == 2:
+            return torch.addmm(residual, x, self.weight)
+        return residual + self(x)
+
 
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, mask, *, scale=None, softcap=None) -> (B, h, S, d)
 
