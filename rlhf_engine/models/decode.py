@@ -14,9 +14,9 @@ projection and the LM head run on transposed copies (``Projection``). The step e
 to the rounding of those sums: within 1.1e-6 in fp32 over every model family in
 ``tests/models/test_transformer_hf_parity.py`` (Llama with biases and rope scaling, Mistral windows, Qwen2/3
 with q/k norms, Gemma 2/3 with sandwich norms, softcaps, scaled embeddings and two rotary bases: hidden
-states, logits and the cache's keys and values), and at bf16's rounding in bf16 (0.03 at values up to 2.3 in one check). ``generate`` with
-and without it samples the same tokens (``tests/test_sampling.py``, a trunk + policy head recording the
-trunk's states).
+states, logits and the cache's keys and values), and at bf16's rounding in bf16 (0.03 at values up to 2.3
+in one check). ``generate`` with and without it samples the same tokens (``tests/test_sampling.py``, a
+trunk + policy head recording the trunk's states).
 
 ``build`` returns None, and generation keeps the module path, wherever the flat step could differ from it:
 a layer whose projections are not fused (LoRA adapters, FP8 or Transformer Engine modules, tensor-parallel
@@ -115,7 +115,9 @@ class DecodeProgram:
         embedder = parts[0]
         if embedder.embed_tokens is None or head.norm is None or type(head.norm) is not RMSNorm:
             return None
-        if type(embedder.embed_tokens) is not nn.Embedding or (head.lm_head is not None and type(head.lm_head) is not nn.Linear):
+        if type(embedder.embed_tokens) is not nn.Embedding:
+            return None
+        if head.lm_head is not None and type(head.lm_head) is not nn.Linear:
             return None
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return None
@@ -152,7 +154,8 @@ class DecodeProgram:
         i = attn.layer
         return _Layer(
             index=i, window=cfg.layer_window(i), theta=cfg.layer_theta(i)[0],
-            input_norm=_norm(layer.input_layernorm, dtype), post_attention_norm=_norm(layer.post_attention_layernorm, dtype),
+            input_norm=_norm(layer.input_layernorm, dtype),
+            post_attention_norm=_norm(layer.post_attention_layernorm, dtype),
             pre_feedforward_norm=_norm(layer.pre_feedforward_layernorm, dtype) if layer.sandwich else None,
             post_feedforward_norm=_norm(layer.post_feedforward_layernorm, dtype) if layer.sandwich else None,
             qkv=attn.fused[0], qkv_sizes=attn.fused[1],
@@ -208,7 +211,8 @@ class DecodeProgram:
             qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
             q, k = qk[:, :h, None], qk[:, h:, None]  # (B, h, 1, d), (B, kvh, 1, d)
         else:
-            q, k = layer.q_norm(qkv[:, : sizes[0]].view(B, -1, d)), layer.k_norm(qkv[:, sizes[0] : qk_end].view(B, -1, d))
+            q = layer.q_norm(qkv[:, : sizes[0]].view(B, -1, d))  # (B, h, d)
+            k = layer.k_norm(qkv[:, sizes[0] : qk_end].view(B, -1, d))  # (B, kvh, d)
             q = (q * cos + q.roll(d // 2, dims=-1) * sin)[:, :, None]  # (B, h, 1, d)
             k = (k * cos + k.roll(d // 2, dims=-1) * sin)[:, :, None]  # (B, kvh, 1, d)
         v = qkv[:, qk_end:].view(B, -1, 1, d)  # (B, kvh, 1, d)

@@ -137,10 +137,6 @@ class Projection(NamedTuple):
             return cls(weight.detach().t().contiguous(), bias, True)
         return cls(weight, bias, False)
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1] if self.transposed else self.weight.shape[0]
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., M)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
