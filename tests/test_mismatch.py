@@ -93,8 +93,10 @@ def _policy_logprobs(model, rollout):
 
 def test_off_policy_update_uses_the_older_behaviour_logprobs(tmp_path, monkeypatch):
     """off_policy_steps=1: rollout r+1 is sampled by a copy of the policy taken when rollout r was collected
-    (before any step on r); its behaviour log-probs are that copy's, its old log-probs the trainer's at
-    the weights it is trained with, and tis weights the ratio of the two."""
+    (before any step on r). Its behaviour log-probs are that copy's, and its tis weights the ratio of the
+    trainer's log-probs at the weights it is trained with to them. With one step per rollout the loss makes
+    those weights from its own forward; here the experience pass is made to compute them (the test below
+    shows the two equal), so that they can be read off the rollout."""
     import copy
 
     from rlhf_engine.rollout.experience import ExperienceMaker
@@ -115,6 +117,7 @@ def test_off_policy_update_uses_the_older_behaviour_logprobs(tmp_path, monkeypat
 
     monkeypatch.setattr(ExperienceMaker, "snapshot", snapshot)
     monkeypatch.setattr(ExperienceMaker, "score", score)
+    monkeypatch.setattr(ExperienceMaker, "trainer_logprobs", property(lambda self: True))
     s = run_rl(_config(tmp_path, "grpo", "trainer.max_steps=3", "algorithm.rl.off_policy_steps=1",
                        "algorithm.rl.is_correction=tis", "algorithm.rl.is_threshold=1.5"))
     assert s["finished"] and len(scored) >= 3 and len(snapshots) >= 3
@@ -125,11 +128,12 @@ def test_off_policy_update_uses_the_older_behaviour_logprobs(tmp_path, monkeypat
         for b, row in enumerate(sampled.gen.logprobs):
             behaviour[b, P - 1 : P - 1 + len(row)] = torch.tensor(row)
         older = _policy_logprobs(snapshots[r - 1], rollout)  # the policy when rollout r - 1 was collected
+        current = _policy_logprobs(trainer, rollout)  # the weights this rollout's one step trains
         assert (behaviour - older).abs().max() <= 1e-5  # sampled by the older policy ...
-        assert (behaviour - _policy_logprobs(trainer, rollout)).abs().max() > 1e-3  # ... not the current one
-        assert (rollout.old_logp - _policy_logprobs(trainer, rollout)).abs().max() <= 1e-5
-        want = torch.exp(rollout.old_logp - behaviour).clamp(max=1.5) * rollout.mask
-        assert torch.allclose(rollout.is_weight, want, atol=1e-6)
+        assert (behaviour - current).abs().max() > 1e-3  # ... not the current one
+        assert rollout.on_policy and (rollout.old_logp - behaviour).abs().max() <= 1e-6  # one step: old = own
+        want = torch.exp(current - behaviour).clamp(max=1.5) * rollout.mask
+        assert torch.allclose(rollout.is_weight, want, atol=1e-5)
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     waits = [r for r in rows if "rollout/generation_wait_s" in r]
     assert len(waits) == 3 and waits[0]["rollout/mismatch_abs_max"] <= 1e-5  # rollout 0: sampled by itself
@@ -162,26 +166,32 @@ def test_off_policy_grpo_learns_the_programmatic_reward(tmp_path):
     assert gain(on) > 0.15 and gain(off) >= 0.8 * gain(on), (gain(off), gain(on))
 
 
-@pytest.mark.parametrize("mode", ["none", "tis"])
+@pytest.mark.parametrize("mode", ["none", "tis", "off_policy_tis"])
 def test_mismatch_measured_in_the_loss_equals_the_experience_pass_measurement(tmp_path, monkeypatch, mode):
     """One step per rollout: the loss measures the mismatch and makes the tis weights from the training
     forward, instead of a policy forward in the experience pass. Forcing that forward back gives the same
-    metrics, loss and gradient norm."""
+    metrics, loss and gradient norm, also one step off-policy (the sampler one step behind, on top of the
+    perturbation): the experience pass and the step run at the same weights."""
     from rlhf_engine.rollout.experience import ExperienceMaker
 
     _perturbed_sampler(monkeypatch, lambda i: 0.3 if i % 3 == 0 else -0.1)
-    args = ["trainer.max_steps=2", f"algorithm.rl.is_correction={mode}"]
+    args = ["trainer.max_steps=3", f"algorithm.rl.is_correction={mode.replace('off_policy_', '')}"]
+    if mode.startswith("off_policy"):
+        args.append("algorithm.rl.off_policy_steps=1")
     (tmp_path / "loss").mkdir()
     run_rl(_config(tmp_path / "loss", "grpo", *args))
     monkeypatch.setattr(ExperienceMaker, "trainer_logprobs", property(lambda self: True))
     (tmp_path / "pass").mkdir()
     run_rl(_config(tmp_path / "pass", "grpo", *args))
     a, b = (_rollout_records(tmp_path / run / "grpo", "grpo") for run in ("loss", "pass"))
-    assert len(a) == len(b) == 2
+    assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         for key in ("rollout/mismatch_abs_mean", "rollout/mismatch_abs_max", "rollout/mismatch_kl", "loss", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
-        assert x["rollout/mismatch_abs_max"] == pytest.approx(0.3, abs=1e-4)
+        if mode.startswith("off_policy") and x is not a[0]:  # the older sampler: more than the perturbation
+            assert x["rollout/mismatch_abs_max"] > 0.3 + 1e-3
+        else:
+            assert x["rollout/mismatch_abs_max"] == pytest.approx(0.3, abs=1e-4)
 
 
 def test_off_policy_process_sampler_matches_the_thread_sampler(tmp_path):

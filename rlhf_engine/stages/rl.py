@@ -55,8 +55,9 @@ def ptx_stream(cfg: RunConfig, tokenizer, pad: int):
 def one_step_per_rollout(cfg: RunConfig, rt: Runtime) -> bool:
     c, t = cfg.algorithm.rl, cfg.trainer
     local = c.prompts_per_rollout // rt.dims.dp * c.group
-    return (c.epochs == 1 and local == t.micro_batch_size * t.grad_accum_steps and c.kl_stop is None
-            and not c.off_policy_steps)  # off-policy: the old log-probs are the trainer's, not the sampler's
+    # One step off-policy too: the experience pass and the one step run at the same weights, so the step's own
+    # forward gives the trainer's log-probs (the old ones, and the tis weights against the sampler's)
+    return c.epochs == 1 and local == t.micro_batch_size * t.grad_accum_steps and c.kl_stop is None
 
 
 class RLEvaluator:
