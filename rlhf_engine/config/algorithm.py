@@ -141,9 +141,10 @@ class RLConfig:
     """1: rollout t+1 is sampled by the policy as it was before training on rollout t, while the trainer
     runs rollout t's experience pass and training (in a background thread or a sampler process:
     ``off_policy_sampler``; on several ranks, each rank gathers trunk + policy head whole and samples its
-    share with that copy); its experience pass then runs at the
-    current weights, whose log-probs are the PPO ratio's old ones, and is_correction (required) weights
-    each token by the trainer/sampler ratio. 0: every rollout is sampled by the current policy."""
+    share with that copy); the trainer's log-probs at the current weights are the PPO ratio's old ones
+    (from the experience pass, or with one step per rollout from that step's own forward) and
+    is_correction (required) weights each token by the trainer/sampler ratio. 0: every rollout is sampled
+    by the current policy."""
     off_policy_sampler: Literal["thread", "process"] = "thread"
     """Where off_policy_steps=1 samples: ``thread``, a background thread of the trainer's process (it
     shares the interpreter lock with the training step); ``process``, a child process per rank with a
