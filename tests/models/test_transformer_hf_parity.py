@@ -233,13 +233,17 @@ def test_gemma2_under_tp2_with_sequence_parallelism_equals_one_process():
     torchrun(_tp_gemma_body, nproc=2)
 
 
-def test_flat_decode_step_equals_the_module_step(pair):
+@pytest.mark.parametrize("layout", ["cpu", "accelerator"])
+def test_flat_decode_step_equals_the_module_step(pair, layout, monkeypatch):
     """``models.decode.DecodeProgram`` (generation's one-token step as one flat function) against the modules'
     own forward over the same cache, for every family: left padding (a document of its own), windows shorter
-    than the steps, hidden states, logits and the keys/values written to the cache."""
+    than the steps, hidden states, logits and the keys/values written to the cache. ``accelerator``: the
+    projections as a GPU holds them (``F.linear`` on the weights as they are, residual adds outside)."""
     from rlhf_engine.models.decode import DecodeProgram
-    from rlhf_engine.models.transformer import fused_projections, local_vocab_shard, softcap_logits
+    from rlhf_engine.models.transformer import Projection, fused_projections, local_vocab_shard, softcap_logits
 
+    if layout == "accelerator":
+        monkeypatch.setattr(Projection, "of", classmethod(lambda cls, weight, bias: cls(weight, bias, False)))
     _, ours, _ = pair
     g = torch.Generator().manual_seed(6)
     B, P, steps = 3, 6, 9
