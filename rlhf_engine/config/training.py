@@ -182,7 +182,9 @@ class RolloutConfig:
     fuse_projections: bool = True
     """Decode with q/k/v and gate/up as one GEMM each, over concatenated copies of those weights made for
     the generation (about 3/4 of the decoder's weights again, while generating; tensor-parallel and FSDP
-    shards, LoRA and FP8 layers are never fused). False decodes with the separate projections."""
+    shards, LoRA and FP8 layers are never fused), and the eager/static one-token steps through the flat
+    decode step (``models/decode.py``), which on a CPU also copies o, down and the LM head (transposed, as
+    are all the copies there). False decodes through the modules with the separate projections."""
     decode_mode: Literal["eager", "static", "compiled"] = "eager"
     """How decode steps run (``rollout.sampling.generate``). eager: the KV cache grows with the text.
     static: a KV cache of fixed shape (its length rounded up to a multiple of 64), written at device-side
