@@ -172,6 +172,37 @@ def test_flat_decode_step_generates_what_the_modules_generate(tmp_path, k):
         assert (flat.trunk_states - modules.trunk_states)[real].abs().max() <= 1e-5
 
 
+def test_flat_decode_step_in_bf16_is_as_close_to_fp32_as_the_module_step(tmp_path):
+    """bf16 weights (norms through rms_norm's fp32 path, bf16 rotary tables and GEMMs), trunk + policy head:
+    the flat step and the module step differ by bf16 rounding only, so against the fp32 model's step the
+    flat step is no further off than the module step is."""
+    from rlhf_engine.models.decode import DecodeProgram
+    from rlhf_engine.models.transformer import KVCache, fused_projections
+
+    _models(tmp_path)
+    B, P = 3, 6
+    ids = torch.randint(3, 61, (B, P), generator=torch.Generator().manual_seed(2))
+    steps = {}  # dtype -> [(module, flat)] per step, fp32 copies
+    for dtype in (torch.float32, torch.bfloat16):
+        roles = RoleModel.from_sft(load_hf_model(tmp_path, dtype=dtype).eval(), 2)
+        caches = [KVCache(roles.config, B, P + 4, dtype=dtype) for _ in range(2)]
+        steps[dtype] = []
+        with torch.no_grad(), fused_projections(roles.trunk, roles.head(Role.POLICY)):
+            program = DecodeProgram.build(roles, P + 4)
+            for cache in caches:
+                roles.decode(ids, positions=None, document_ids=None, kv_cache=cache)
+            for t in range(3):
+                tok, pos, docs = ids[:, t : t + 1], torch.full((B, 1), P + t), torch.zeros(B, 1, dtype=torch.long)
+                want = roles.decode(tok, positions=pos, document_ids=docs, kv_cache=caches[0])
+                got, _ = program.step(tok, pos, docs, caches[1])
+                assert got.dtype == want.dtype == dtype
+                steps[dtype].append((want.float(), got.float()))
+    for (oracle, flat32), (module, flat) in zip(steps[torch.float32], steps[torch.bfloat16]):
+        assert (flat32 - oracle).abs().max() <= 2e-6
+        module_error, flat_error = (module - oracle).abs().max(), (flat - oracle).abs().max()
+        assert 0 < module_error < 0.1 and flat_error <= 1.25 * module_error, (flat_error, module_error)
+
+
 def test_flat_decode_step_is_not_built_where_it_could_differ_from_the_modules(tmp_path):
     """Adapters (unfused projections), a forward hook (the flat step would skip it) or no fused copies at
     all: ``DecodeProgram.build`` returns None and generation keeps the module path."""
