@@ -65,13 +65,8 @@ class _Layer(NamedTuple):
     down_proj: Projection
 
 
-def _norm(module: nn.Module, dtype: torch.dtype) -> Norm:
-    """``module`` as a function of activations of ``dtype``: torch's fused op directly where ``rms_norm``
-    would choose it, else ``rms_norm``."""
+def _norm(module: nn.Module) -> Norm:
     w, eps, offset = module.weight, module.eps, module.unit_offset
-    if not offset and dtype == torch.float32 and type(w) is nn.Parameter and w.dtype == torch.float32:
-        shape = (w.shape[0],)
-        return lambda x: torch.rms_norm(x, shape, w, eps)
     return lambda x: rms_norm(x, w, eps, offset)
 
 
@@ -123,21 +118,20 @@ class DecodeProgram:
             return None
         if any(_hooked(m) for part in parts for m in part.modules()):
             return None
-        dtype = embedder.embed_tokens.weight.dtype  # the activations'
         layers = []
         for part in parts:
             for layer in part.layers.values():
-                entry = cls._layer(layer, model.config, dtype)
+                entry = cls._layer(layer, model.config)
                 if entry is None:
                     return None
                 layers.append(entry)
         output = head.output_weight
         if type(output) not in (torch.Tensor, nn.Parameter):
             return None
-        return cls(embedder, layers, _norm(head.norm, dtype), Projection.of(output, None), trunk_layers, max_positions)
+        return cls(embedder, layers, _norm(head.norm), Projection.of(output, None), trunk_layers, max_positions)
 
     @staticmethod
-    def _layer(layer: nn.Module, cfg, dtype: torch.dtype) -> _Layer | None:
+    def _layer(layer: nn.Module, cfg) -> _Layer | None:
         if type(layer) is not DecoderLayer:
             return None
         attn, mlp = layer.self_attn, layer.mlp
@@ -154,13 +148,13 @@ class DecodeProgram:
         i = attn.layer
         return _Layer(
             index=i, window=cfg.layer_window(i), theta=cfg.layer_theta(i)[0],
-            input_norm=_norm(layer.input_layernorm, dtype),
-            post_attention_norm=_norm(layer.post_attention_layernorm, dtype),
-            pre_feedforward_norm=_norm(layer.pre_feedforward_layernorm, dtype) if layer.sandwich else None,
-            post_feedforward_norm=_norm(layer.post_feedforward_layernorm, dtype) if layer.sandwich else None,
+            input_norm=_norm(layer.input_layernorm),
+            post_attention_norm=_norm(layer.post_attention_layernorm),
+            pre_feedforward_norm=_norm(layer.pre_feedforward_layernorm) if layer.sandwich else None,
+            post_feedforward_norm=_norm(layer.post_feedforward_layernorm) if layer.sandwich else None,
             qkv=attn.fused[0], qkv_sizes=attn.fused[1],
-            q_norm=_norm(attn.q_norm, dtype) if attn.q_norm is not None else None,
-            k_norm=_norm(attn.k_norm, dtype) if attn.k_norm is not None else None, head_dim=attn.head_dim,
+            q_norm=_norm(attn.q_norm) if attn.q_norm is not None else None,
+            k_norm=_norm(attn.k_norm) if attn.k_norm is not None else None, head_dim=attn.head_dim,
             scale=attn.scale, softcap=attn.softcap, attention=attn.attention,
             o_proj=Projection.of(attn.o_proj.weight, attn.o_proj.bias), gate_up=mlp.fused[0],
             gate_up_sizes=mlp.fused[1], act=mlp.act, down_proj=Projection.of(mlp.down_proj.weight, mlp.down_proj.bias))

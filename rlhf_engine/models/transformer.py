@@ -140,11 +140,9 @@ class Projection(NamedTuple):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., M)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
-        if x.dim() == 2:  # (the flat decode step's rows)
-            return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, K)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, K)
         y = torch.mm(x2, self.weight) if self.bias is None else torch.addmm(self.bias, x2, self.weight)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + self(x) for (N, K) rows, as one GEMM that accumulates into the residual where it can

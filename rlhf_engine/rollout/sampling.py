@@ -74,10 +74,10 @@ def sample_next(
         probs, order = _descending(probs)  # (B, V) each
     cdf = probs.cumsum(dim=-1)  # (B, V)
     if order is None:
-        last = torch.full_like(cdf[:, :1], cdf.shape[-1] - 1, dtype=torch.long)  # (B, 1)
+        mass = cdf[:, -1:]  # (B, 1)
     else:  # keep a token while the mass before it is below top_p (the top token always stays)
         last = (cdf - probs < top_p).sum(dim=-1, keepdim=True) - 1  # (B, 1) the last kept index
-    mass = cdf.gather(-1, last)  # (B, 1)
+        mass = cdf.gather(-1, last)  # (B, 1)
     drawn_on = generator.device if generator is not None else mass.device  # a CPU generator may drive GPU sampling
     u = torch.rand(mass.shape, generator=generator, device=drawn_on, dtype=mass.dtype).to(mass.device) * mass
     u = torch.minimum(u, torch.nextafter(mass, torch.zeros_like(mass)))  # u m may round up to m: keep u < m
