@@ -38,7 +38,7 @@ PROMPTS = ["kalo mine tu", "ra si po de", "ba zu fe", "gi ho ja we ka", "tu ne m
 
 
 def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int, steps: int, beta: float, lr: float,
-         seed: int, target_token: int, trunk_layers: int, threads: int) -> dict:
+         seed: int, target_token: int, trunk_layers: int, threads: int, decode_mode: str = "eager") -> dict:
     """rlhf-engine's GRPO step through the library: ExperienceStream (generate, reward, reference pass,
     advantages) and the trainer's train_step with the RL objective."""
     import torch
@@ -69,7 +69,7 @@ def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int,
         "optim": {"lr": lr, "schedule": "constant", "betas": [0.9, 0.999], "grad_clip": 1.0},
         "algorithm": {"name": "grpo", "rl": {"prompts_per_rollout": len(prompts), "group": group, "kl_coef": beta,
                                              "clip_eps": 0.2}},
-        "rollout": {"max_new_tokens": max_new_tokens, "temperature": 1.0},
+        "rollout": {"max_new_tokens": max_new_tokens, "temperature": 1.0, "decode_mode": decode_mode},
         "reward": {"functions": {"target_fraction": 1.0}},
         "trainer": {"max_steps": steps + 1, "micro_batch_size": n, "seed": seed},
     })
@@ -118,7 +118,8 @@ def worker(args) -> None:
         with tempfile.TemporaryDirectory() as work:
             out = trl_grpo_steps(args.model_dir, prompts, work_dir=work, threads=args.threads, **common)
     else:
-        out = ours(args.model_dir, prompts, trunk_layers=args.trunk_layers, threads=args.threads, **common)
+        out = ours(args.model_dir, prompts, trunk_layers=args.trunk_layers, threads=args.threads,
+                   decode_mode=args.decode_mode, **common)
     print("RESULT " + json.dumps(out))
 
 
@@ -143,6 +144,7 @@ def main() -> None:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--target-token", type=int, help=argparse.SUPPRESS)
     p.add_argument("--trunk-layers", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--decode-mode", default="eager", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -161,12 +163,15 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         target = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("ka")
-        variants = [("trl", "trl", 0), ("rlhf_engine", "ours", 0), ("rlhf_engine_shared_trunk", "ours", args.layers // 2)]
+        variants = [("trl", "trl", 0, "eager"), ("rlhf_engine", "ours", 0, "eager"),
+                    ("rlhf_engine_compiled_decode", "ours", 0, "compiled"),
+                    ("rlhf_engine_shared_trunk", "ours", args.layers // 2, "eager")]
         path = os.pathsep.join([str(HERE.parent), str(HERE.parent / "kernels"), os.environ.get("PYTHONPATH", "")])
-        for name, worker_kind, k in variants:
+        for name, worker_kind, k, decode_mode in variants:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_kind, "--model-dir", model_dir,
                    "--target-token", str(target), "--trunk-layers", str(k), "--prompts", str(args.prompts),
-                   "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+                   "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
+                   "--decode-mode", decode_mode]
             # time with the default allocator; memory in a second run with a pinned mmap threshold, so freed
             # temporaries are not silently reused from resident heap pages (see _bench.pin_malloc_threshold)
             timed = _run(name, cmd + ["--steps", str(args.steps)], {**os.environ, "PYTHONPATH": path})

@@ -98,7 +98,8 @@ def test_static_and_compiled_decoding_equal_eager_decoding(tmp_path, decode_mode
     causal mask), with or without torch.compile of the one-token step, samples the same tokens as the eager
     cache, with the same log-probs and trunk states up to reduction order. Rows end at different steps
     (stop tokens), prompts differ in length, and sampling runs through top-p; a second batch of other
-    prompt lengths within the same 64-slot cache size reuses the compiled graph."""
+    prompt lengths within the same 64-slot cache size reuses the compiled graph, and so does a third after
+    a change of the weights (as after a training step; every generation makes new fused copies)."""
     _, ours = _models(tmp_path)
     roles = RoleModel.from_sft(ours, 2)
     kw = dict(max_new_tokens=16, stop_ids=list(range(2, 10)), pad_id=0, temperature=1.0, top_p=0.9, record_trunk=True)
@@ -106,7 +107,11 @@ def test_static_and_compiled_decoding_equal_eager_decoding(tmp_path, decode_mode
     if decode_mode == "compiled":
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-    for batch in prompts:
+    for n, batch in enumerate(prompts + prompts[:1]):
+        if n == 2:
+            with torch.no_grad():
+                for p in roles.parameters():
+                    p.mul_(1.01)
         want = generate(roles, batch, **kw, generator=torch.Generator().manual_seed(3))
         got = generate(roles, batch, **kw, generator=torch.Generator().manual_seed(3), decode_mode=decode_mode)
         assert len(set(map(len, want.responses))) > 1 and got.responses == want.responses
@@ -116,7 +121,7 @@ def test_static_and_compiled_decoding_equal_eager_decoding(tmp_path, decode_mode
         assert torch.equal(got.sequences, want.sequences)
         assert (got.trunk_states - want.trunk_states)[real].abs().max() <= 1e-5
     if decode_mode == "compiled":
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for both batches
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for all three
     with pytest.raises(ValueError, match="decode_mode must be"):
         generate(ours, _prompts(), max_new_tokens=2, stop_ids=[], pad_id=0, decode_mode="graphs")
 

@@ -190,8 +190,10 @@ class RolloutConfig:
     static: a KV cache of fixed shape (its length rounded up to a multiple of 64), written at device-side
     slots, so every step has the same shapes and reads nothing on the host; attention then reads every
     slot under the causal mask (equal up to the order of its reductions). compiled: static, with the
-    one-token step through ``torch.compile``; on CUDA in mode ``reduce-overhead``, which captures CUDA
-    graphs. It compiles once per batch shape and cache size, and is slower on a CPU (README)."""
+    one-token step through ``torch.compile``: on a CPU the flat decode step through inductor (the fastest
+    CPU mode, README), on CUDA the module step in mode ``reduce-overhead``, which captures CUDA graphs. It
+    compiles once per process, batch size and cache size (a few seconds on a CPU), then reuses the code
+    across prompt lengths within a cache size and across weight updates."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:

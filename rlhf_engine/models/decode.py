@@ -35,7 +35,7 @@ from torch.nn.modules import module as _module
 from .kv_cache import KVCache
 from .roles import Role, RoleModel
 from .transformer import (Attention, DecoderLayer, Projection, RMSNorm, SwiGLU, Transformer, attention_mask,
-                          rms_norm, rope_cos_sin, softcap_logits)
+                          rms_norm, rope_cos_sin, sdpa_attention, softcap_logits)
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -165,9 +165,11 @@ class DecodeProgram:
         positions: torch.Tensor,  # (B, 1)
         document_ids: torch.Tensor,  # (B, 1)
         cache: KVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        trunk_only: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One token per row through every layer, its keys and values written to ``cache``: (final hidden
-        states (B, 1, D), the trunk's boundary states (B, 1, D), or None without a trunk)."""
+        states (B, 1, D), the trunk's boundary states (B, 1, D), or None without a trunk). ``trunk_only``:
+        through the trunk's layers only, (None, trunk states)."""
         x = self.embedder.embed(tokens)[:, 0]  # (B, D)
         q_slots, k_docs = cache.begin(document_ids)
         k_slots = torch.arange(k_docs.shape[1], device=tokens.device)
@@ -178,6 +180,8 @@ class DecodeProgram:
         for n, layer in enumerate(self.layers):
             if n == self.trunk_layers and n > 0:  # (a role head holds at least one layer)
                 trunk = x[:, None]
+                if trunk_only:
+                    break
             out = self._attention(layer, layer.input_norm(x), *rope[layer.theta], masks[layer.window], cache)
             if layer.pre_feedforward_norm is not None:  # sandwich
                 x = x + layer.post_attention_norm(layer.o_proj(out))
@@ -187,7 +191,7 @@ class DecodeProgram:
                 gate, up = layer.gate_up(layer.post_attention_norm(x)).split(layer.gate_up_sizes, dim=-1)
                 x = layer.down_proj.add_to(x, layer.act(gate) * up)
         cache.commit()
-        return self.final_norm(x)[:, None], trunk
+        return (None if trunk_only else self.final_norm(x)[:, None]), trunk
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) final hidden states -> (B, V) fp32 logits (softcapped for Gemma 2), as ``full_logits``."""
@@ -211,7 +215,12 @@ class DecodeProgram:
             k = (k * cos + k.roll(d // 2, dims=-1) * sin)[:, :, None]  # (B, kvh, 1, d)
         v = qkv[:, qk_end:].view(B, -1, 1, d)  # (B, kvh, 1, d)
         k, v = cache.write(layer.index, k, v)  # (B, kvh, Sk, d)
-        out = layer.attention(q, k, v, mask, scale=layer.scale, softcap=layer.softcap)  # (B, h, 1, d)
+        if layer.attention is sdpa_attention:
+            # grouped-query heads as query rows: query head j reads key/value head j // g, so (B, h, 1, d) is
+            # (B, kvh, g, d) in order, and the (B, 1, 1, Sk) mask is the same for every row. One attention
+            # with g rows per key/value head instead of h with the heads repeated: 25-30% faster on a CPU.
+            q = q.view(B, k.shape[1], -1, d)  # (B, kvh, g, d)
+        out = layer.attention(q, k, v, mask, scale=layer.scale, softcap=layer.softcap)  # (B, h, 1, d) or (B, kvh, g, d)
         return out.reshape(B, -1)  # (B, h d) (one query: (B, h, 1, d) is already (B, 1, h, d) in order)
 
     @staticmethod

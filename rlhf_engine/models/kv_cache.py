@@ -34,9 +34,11 @@ class KVCache:
         static: bool = False,
     ) -> None:
         kvh = num_kv_heads or cfg.num_kv_heads  # a tensor-parallel shard holds fewer heads
-        shape = (cfg.num_layers, batch_size, kvh, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, kvh, max_len, cfg.head_dim)
+        # one tensor per layer, not views of one (L, ...) tensor: torch.compile then writes a static cache in
+        # place (a write through a view of a graph input is compiled as a copy of the whole base tensor)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.static = static
         self.filled = torch.zeros((), dtype=torch.long, device=device)  # static: slots filled, on the device
@@ -46,7 +48,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def begin(self, document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reserve slots for (B, S) new tokens; returns (query slots (S,), key document ids (B, Sk))."""

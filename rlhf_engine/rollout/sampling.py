@@ -63,7 +63,7 @@ def sample_next(
     (16, 512) step on the 2-core CPU, where it was the largest part of sampling. Seeded streams
     therefore differ from ``torch.multinomial``'s (and from Hugging Face ``generate``'s)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.max(dim=-1).indices  # the first maximum, as argmax (which is 2x slower on a CPU)
     logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
@@ -207,6 +207,20 @@ def _compiled_decode_step(device: torch.device) -> Callable:
     return _COMPILED[device.type]
 
 
+def _program_step(program: DecodeProgram, tokens, positions, document_ids, cache):
+    return program.step(tokens, positions, document_ids, cache)
+
+
+def _compiled_program_step() -> Callable:
+    """The flat decode step (``DecodeProgram.step``) through inductor, for ``decode_mode=compiled`` on a CPU:
+    each layer becomes its GEMMs, its attention and four fused loops (norm; rotary + cache write + mask;
+    norm; SiLU-gate). A new program per generation reuses the compiled code (tensors are guarded by shape,
+    not identity)."""
+    if "program" not in _COMPILED:
+        _COMPILED["program"] = torch.compile(_program_step, fullgraph=True, dynamic=False)
+    return _COMPILED["program"]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -257,12 +271,13 @@ def generate(
                     num_kv_heads=_local_kv_heads(model), static=static)
     record = [] if record_trunk and getattr(model, "trunk", None) is not None else None
     if decode_mode == "compiled" and device.type == "cuda":  # CUDA graphs replay at fixed addresses
-        for t in (cache.k, cache.v, cache.document_ids, cache.filled):
+        for t in (*cache.k, *cache.v, cache.document_ids, cache.filled):
             torch._dynamo.mark_static_address(t)
 
     def run(tokens, pos, doc, one_token: bool = False):
         if one_token and program is not None:
-            hidden, states = program.step(tokens, pos, doc, cache)
+            step = _compiled_program_step() if decode_mode == "compiled" else _program_step
+            hidden, states = step(program, tokens, pos, doc, cache)
         else:
             fn = _compiled_decode_step(device) if one_token and decode_mode == "compiled" else _decode_step
             hidden, states = fn(model, tokens, pos, doc, cache, record is not None)
@@ -275,7 +290,11 @@ def generate(
     decoding = decoding if fuse else []
     with fused_projections(*decoding):  # q/k/v and gate/up as one GEMM each while decoding
         # one-token steps through the flat decode step (equal to the modules; None where it cannot be)
-        program = DecodeProgram.build(model, P + max_new_tokens + 1) if fuse and decode_mode != "compiled" else None
+        # (compiled on a CPU: that step through inductor; on CUDA the module step, captured as CUDA graphs)
+        flat = fuse and (decode_mode != "compiled" or device.type == "cpu")
+        # (positions stay below the cache's length, a multiple of 64 in static modes: the rotary tables then
+        # have one of few shapes and a compiled step is reused across prompt lengths)
+        program = DecodeProgram.build(model, cache.max_len) if flat else None
         softcap = model.config.final_logit_softcapping
         logits_of = program.logits if program is not None else lambda h: full_logits(h, weight, softcap)
         hidden = run(ids, positions, docs)[:, -1]  # (B, D)
@@ -329,8 +348,11 @@ def generate(
             next_pos = next_pos + live.long()
             fed_last = True
         if record is not None and not fed_last:  # one trunk step completes the states of the last tokens
-            record.append(model.trunk(tokens_out[-1][:, None], positions=next_pos[:, None],
-                                      document_ids=docs_out[-1][:, None], kv_cache=cache))
+            last = tokens_out[-1][:, None], next_pos[:, None], docs_out[-1][:, None]  # (B, 1) each
+            if program is not None:  # the same arithmetic as the steps before it
+                record.append(program.step(*last, cache, trunk_only=True)[1])
+            else:
+                record.append(model.trunk(last[0], positions=last[1], document_ids=last[2], kv_cache=cache))
     live_steps = torch.stack(docs_out, dim=1).eq(0)  # (B, T) a row is live for a prefix of the steps
     lengths = live_steps.sum(1).tolist()
     T = max(lengths)  # steps decoded after every row had finished are cut off
