@@ -7,7 +7,8 @@ tables and masks rebuilt by the trunk and again by the head) costs more than the
 ``DecodeProgram.build(model)`` reads a ``Transformer`` or a ``RoleModel`` (trunk + policy head) once, inside
 ``fused_projections``, into per-layer tuples; ``step`` then runs the math of the modules' forward on (B, D)
 rows: q/k/v and gate/up fused, one rotary op over q and k (``apply_rope``'s products), q, k and v as views,
-``attention_mask``, the layer's own attention function, ``rms_norm``, and the residual adds accumulated
+``attention_mask``, the layer's own attention function (SDPA with each key/value head's group of query heads
+as its query rows), ``rms_norm``, and the residual adds accumulated
 inside the o and down GEMMs (``Projection.add_to``; not in sandwich layers, where a norm comes between).
 Rotary tables are computed once per generation for every position it can reach, and on a CPU every
 projection and the LM head run on transposed copies (``Projection``). The step equals the module path up
@@ -17,6 +18,8 @@ with q/k norms, Gemma 2/3 with sandwich norms, softcaps, scaled embeddings and t
 states, logits and the cache's keys and values). In bf16 the two differ by bf16 rounding, and the flat
 step is no further from the fp32 model's step than the module step is. ``generate`` with and without it
 samples the same tokens (``tests/test_sampling.py``, a trunk + policy head recording the trunk's states).
+
+``rollout.decode_mode=compiled`` puts ``step`` through inductor on a CPU (``rollout.sampling``).
 
 ``build`` returns None, and generation keeps the module path, wherever the flat step could differ from it:
 a layer whose projections are not fused (LoRA adapters, FP8 or Transformer Engine modules, tensor-parallel
