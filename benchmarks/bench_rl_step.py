@@ -11,7 +11,8 @@ per generation, fp32, constant LR, clip-norm 1.0, the same number of torch threa
 defaults are listed in ``_trl_grpo.py``.
 
 Rows: ``trl`` (GRPOTrainer; policy and a separate reference model), ``rlhf_engine`` (trunk_layers = 0:
-the whole policy trains, the reference is a whole copy, as in TRL) and ``rlhf_engine_shared_trunk``
+the whole policy trains, the reference is a whole copy, as in TRL), ``rlhf_engine_compiled_decode`` (the
+same with ``rollout.decode_mode=compiled``; compilation happens in the warm-up step) and ``rlhf_engine_shared_trunk``
 (the lower half of the layers frozen and shared by policy and reference). Each framework runs in fresh
 subprocesses (one timed, one for memory); step_s is the median over ``--steps`` timed steps after one warm-up; tokens_per_s counts
 generated completion tokens (EOS included, padding not); peak_mem_mb is the resident-set high-water mark
