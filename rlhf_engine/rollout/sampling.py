@@ -249,8 +249,8 @@ def generate(
     not depend on it. ``fuse``: decode inside ``fused_projections`` (``rollout.fuse_projections``).
     ``decode_mode`` (``rollout.decode_mode``): ``eager``; ``static``, a static KV cache whose decode steps have fixed
     shapes (``KVCache(static=True)``, its length rounded up to a multiple of 64 so that few shapes occur);
-    ``compiled``, those steps through ``torch.compile`` (on CUDA in mode ``reduce-overhead``: CUDA graphs,
-    the cache at static addresses)."""
+    ``compiled``, those steps through ``torch.compile`` (on a CPU the flat step, ``models.decode``, through
+    inductor; on CUDA the module step in mode ``reduce-overhead``: CUDA graphs, the cache at static addresses)."""
     if decode_mode not in ("eager", "static", "compiled"):
         raise ValueError(f"decode_mode must be eager, static or compiled, got {decode_mode!r}")
     if stop_strings and decode is None:
