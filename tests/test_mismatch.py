@@ -197,18 +197,25 @@ def test_mismatch_measured_in_the_loss_equals_the_experience_pass_measurement(tm
 def test_off_policy_process_sampler_matches_the_thread_sampler(tmp_path):
     """The sampler process decodes with a shared-memory copy refreshed in place each rollout and the same
     seeded generator: at the trainer's thread count its rollouts, hence every step, equal the thread
-    sampler's (rollout 0 is sampled in the trainer by both; rollouts 1-3 by the child)."""
+    sampler's (rollout 0 is sampled in the trainer by both; rollouts 1-3 by the child). With
+    ``rollout.decode_mode=compiled`` (the flat step through inductor, in the trainer and in the child) the
+    same tokens are sampled and the metrics agree to float rounding."""
     off = ["algorithm.rl.off_policy_steps=1", "algorithm.rl.is_correction=tis", "trainer.max_steps=4"]
     runs = {}
-    for mode in ("thread", "process"):
-        run_rl(_config(tmp_path, "grpo", *off, f"trainer.out_dir={tmp_path / mode}",
-                       f"algorithm.rl.off_policy_sampler={mode}",
-                       f"algorithm.rl.off_policy_sampler_threads={torch.get_num_threads()}"))
-        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
-        runs[mode] = [(r["loss"], r["grad_norm"], r.get("rollout/reward"), r.get("rollout/mismatch_abs_mean"))
-                      for r in rows if "loss" in r]
-    assert len(runs["thread"]) == 4 and runs["process"] == runs["thread"]
-    assert all(r[3] > 1e-4 for r in runs["process"][1:])  # rollouts 1-3 came from the older policy
+    for mode, decode in (("thread", "eager"), ("process", "eager"), ("process", "compiled")):
+        out = tmp_path / f"{mode}_{decode}"
+        run_rl(_config(tmp_path, "grpo", *off, f"trainer.out_dir={out}", f"algorithm.rl.off_policy_sampler={mode}",
+                       f"algorithm.rl.off_policy_sampler_threads={torch.get_num_threads()}",
+                       f"rollout.decode_mode={decode}"))
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[mode, decode] = [(r["loss"], r["grad_norm"], r.get("rollout/reward"), r.get("rollout/mismatch_abs_mean"))
+                              for r in rows if "loss" in r]
+    want = runs["thread", "eager"]
+    assert len(want) == 4 and runs["process", "eager"] == want
+    assert all(r[3] > 1e-4 for r in want[1:])  # rollouts 1-3 came from the older policy
+    compiled = runs["process", "compiled"]
+    assert [r[2] for r in compiled] == [r[2] for r in want]  # the same samples, hence rewards
+    assert compiled == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in want]
 
 
 def test_off_policy_sampler_process_decodes_with_refreshed_weights_and_reports_a_dead_child():
