@@ -41,6 +41,7 @@ from .algorithms.objective import Objective, is_maximum, merge_stats
 from .config import OptimConfig, RunConfig
 from .data.streams import Batch, Step, StepTotals
 from .faults import StopSignals, Stopped, TrainingError, finite_or_none
+from .optimizer import MasterWeightAdamW, has_low_precision
 from .parallel.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
@@ -90,9 +91,11 @@ class ParamGroup:
     lr: float
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: Sequence[ParamGroup] = ()) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: Sequence[ParamGroup] = ()) -> torch.optim.Optimizer:
     """AdamW; weight decay on parameters with ndim >= 2 only (norm gains and biases are not decayed).
-    Parameters matched by none of ``groups`` train at ``optim.lr``; each group at its own rate."""
+    Parameters matched by none of ``groups`` train at ``optim.lr``; each group at its own rate. Trainable
+    parameters in bf16/fp16 (``precision.dtype=bfloat16`` without FSDP) get fp32 master weights
+    (``optimizer.MasterWeightAdamW``): AdamW on the bf16 weights themselves would round small updates away."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         if isinstance(model, PipelinedModel):  # a stage of the frozen trunk alone: nothing to step
@@ -107,6 +110,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: Sequence[ParamGr
             params = [p for p in mine if (p.ndim >= 2) == decay]
             if params:
                 out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
+    if has_low_precision(p for _, p in named):
+        return MasterWeightAdamW(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.AdamW(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 

@@ -19,7 +19,7 @@ LAYERS = [
     ("algorithms", ["rlhf_engine.algorithms"]),
     ("parallel", ["rlhf_engine.parallel"]),
     ("runtime pieces", ["rlhf_engine.rewards", "rlhf_engine.labelers", "rlhf_engine.rollout", "rlhf_engine.trainer",
-                        "rlhf_engine.report"]),
+                        "rlhf_engine.optimizer", "rlhf_engine.report"]),
     ("stages", ["rlhf_engine.stages"]),
     ("entry points", ["rlhf_engine.cli", "rlhf_engine.__main__"]),
 ]

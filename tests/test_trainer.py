@@ -25,9 +25,13 @@ def _train_records(run: Path) -> list[dict]:
     return [r for r in records if "loss" in r]
 
 
-def test_resume_after_step_3_continues_bit_for_bit(tmp_path):
-    straight = run_sft(load_config(ROOT / "configs/sft_tiny.yaml", TINY + [f"trainer.out_dir={tmp_path / 'a'}"]))
-    cut = TINY + [f"trainer.out_dir={tmp_path / 'b'}", "trainer.save_every=3"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_after_step_3_continues_bit_for_bit(tmp_path, dtype):
+    """Also in bf16 on one process, where the optimizer's fp32 master weights and moments are part of the
+    checkpoint (``optimizer.MasterWeightAdamW``): resuming from the bf16 weights alone would diverge."""
+    tiny = TINY + [f"precision.dtype={dtype}"]
+    straight = run_sft(load_config(ROOT / "configs/sft_tiny.yaml", tiny + [f"trainer.out_dir={tmp_path / 'a'}"]))
+    cut = tiny + [f"trainer.out_dir={tmp_path / 'b'}", "trainer.save_every=3"]
     first = run_sft(load_config(ROOT / "configs/sft_tiny.yaml", cut + ["trainer.stop_after=3"]))
     assert first["steps"] == 3 and not first["finished"] and "export" not in first
     assert (tmp_path / "b/checkpoints/sft/step_00000003/progress.json").exists()

@@ -98,7 +98,9 @@ class PrecisionConfig:
     """Numeric formats."""
 
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter and activation dtype. Norms, rotary tables and softmax statistics stay fp32."""
+    """Compute dtype. Norms, rotary tables and softmax statistics stay fp32, and weights are updated in
+    fp32: under FSDP the sharded parameters are fp32, otherwise the optimizer keeps fp32 master copies of
+    the bf16 parameters (``rlhf_engine/optimizer.py``)."""
     fp8: FP8Config | None = None
     """FP8 training of the linear layers (None: off)."""
 
