@@ -2,6 +2,7 @@
 on-policy GRPO, side by side in one run, on the same tiny model and reward.
 
     python benchmarks/bench_off_policy.py [--steps 20] [--max-new-tokens 48] [--layers 4] [--hidden 128]
+                                          [--decode-mode compiled]
     OMP_NUM_THREADS=1 python benchmarks/bench_off_policy.py     # one intra-op thread for each side
 
 Variants: ``on_policy`` (algorithm.rl.off_policy_steps=0, one step per rollout); ``off_policy_thread`` and
@@ -65,7 +66,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         "trainer": {"max_steps": args.steps, "micro_batch_size": 8, "grad_accum_steps": 4, "eval_every": 0},
         "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False},
     }
-    extra = [*VARIANTS[variant], f"algorithm.rl.off_policy_sampler_threads={args.sampler_threads}"]
+    extra = [*VARIANTS[variant], f"algorithm.rl.off_policy_sampler_threads={args.sampler_threads}",
+             f"rollout.decode_mode={args.decode_mode}"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--sampler-threads", type=int, default=1, help="intra-op threads of the sampler process")
+    parser.add_argument("--decode-mode", default="eager", help="rollout.decode_mode of every variant")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one run, its row as JSON
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -102,9 +105,10 @@ def main() -> None:
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--max-new-tokens",
                str(args.max_new_tokens), "--layers", str(args.layers), "--hidden", str(args.hidden),
-               "--sampler-threads", str(args.sampler_threads)]
+               "--sampler-threads", str(args.sampler_threads), "--decode-mode", args.decode_mode]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(next(x for x in out.splitlines() if x.startswith("ROW "))[4:]))
+        rows.append({**json.loads(next(x for x in out.splitlines() if x.startswith("ROW "))[4:]),
+                     "decode_mode": args.decode_mode})
         print(rows[-1], flush=True)
     for row in rows[1:]:
         print(f"{row['variant']} step time: {row['step_ms'] / rows[0]['step_ms']:.2f}x on-policy")
