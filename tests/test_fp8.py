@@ -27,7 +27,7 @@ def test_torchao_fp8_trains_within_tolerance_of_bf16(tmp_path, recipe):
     fp8 = run_sft(load_config("configs/sft_tiny.yaml", TINY + [f"trainer.out_dir={tmp_path / 'fp8'}",
                                                               "precision.fp8.backend=torchao", f"precision.fp8.recipe={recipe}",
                                                               f"model.tokenizer_path={tmp_path / 'bf16' / 'tokenizer'}"]))
-    # stated tolerance: final held-out loss within 5% of bf16 after 30 steps (measured: within 0.1% at 60 steps)
+    # stated tolerance: final held-out loss within 5% of bf16 after 30 steps (measured: within 0.2% at 60 steps)
     assert abs(fp8["eval_loss_final"] - bf16["eval_loss_final"]) / bf16["eval_loss_final"] < 0.05, (fp8, bf16)
     assert fp8["eval_loss_final"] < 0.7 * fp8["eval_loss_initial"]
     recs = [json.loads(line) for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()]
@@ -110,7 +110,7 @@ def test_ppo_with_float8_policy_and_critic_heads_learns_like_bf16(tmp_path):
         (tmp_path / name).mkdir()
         runs[name] = run_rl(_config(tmp_path / name, "ppo", "algorithm.rl.epochs=2", "precision.dtype=bfloat16", *extra))
     bf16, fp8 = runs["bf16"], runs["fp8"]
-    # measured: held-out reward 0.271 -> 0.521 (bf16), 0.271 -> 0.521 (fp8)
+    # measured: held-out reward 0.271 -> 0.542 (bf16), 0.271 -> 0.526 (fp8)
     assert fp8["eval_reward_final"] - fp8["eval_reward_initial"] > 0.15, fp8
     assert abs(fp8["eval_reward_final"] - bf16["eval_reward_final"]) < 0.1, (fp8, bf16)
     steps = [r for r in _records(tmp_path / "fp8" / "ppo", "ppo") if "loss" in r]
