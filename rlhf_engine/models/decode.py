@@ -38,7 +38,7 @@ from torch.nn.modules import module as _module
 from .kv_cache import KVCache
 from .roles import Role, RoleModel
 from .transformer import (Attention, DecoderLayer, Projection, RMSNorm, SwiGLU, Transformer, attention_mask,
-                          rms_norm, rope_cos_sin, sdpa_attention, softcap_logits)
+                          rms_norm, rope_cos_sin, rotate, sdpa_attention, softcap_logits)
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -203,19 +203,18 @@ class DecodeProgram:
     @staticmethod
     def _attention(layer: _Layer, x: torch.Tensor, cos, sin, mask, cache: KVCache) -> torch.Tensor:
         """``Attention.forward`` (fused path) for one token per row, up to the output projection: (B, D) ->
-        (B, h d). The rotary op is ``apply_rope``'s, on (B, heads, d) rows with (B, 1, d) tables."""
+        (B, h d). The rotary op is ``apply_rope``'s (``rotate``), on (B, heads, d) rows with (B, 1, d) tables."""
         B, d, sizes = x.shape[0], layer.head_dim, layer.qkv_sizes
         h, qk_end = sizes[0] // d, sizes[0] + sizes[1]
         qkv = layer.qkv(x)  # (B, (h + 2 kvh) d)
         if layer.q_norm is None:
             qk = qkv[:, :qk_end].view(B, -1, d)  # (B, h + kvh, d)
-            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+            qk = rotate(qk, cos, sin)
             q, k = qk[:, :h, None], qk[:, h:, None]  # (B, h, 1, d), (B, kvh, 1, d)
         else:
             q = layer.q_norm(qkv[:, : sizes[0]].view(B, -1, d))  # (B, h, d)
             k = layer.k_norm(qkv[:, sizes[0] : qk_end].view(B, -1, d))  # (B, kvh, d)
-            q = (q * cos + q.roll(d // 2, dims=-1) * sin)[:, :, None]  # (B, h, 1, d)
-            k = (k * cos + k.roll(d // 2, dims=-1) * sin)[:, :, None]  # (B, kvh, 1, d)
+            q, k = rotate(q, cos, sin)[:, :, None], rotate(k, cos, sin)[:, :, None]  # (B, h | kvh, 1, d)
         v = qkv[:, qk_end:].view(B, -1, 1, d)  # (B, kvh, 1, d)
         k, v = cache.write(layer.index, k, v)  # (B, kvh, Sk, d)
         if layer.attention is sdpa_attention:

@@ -117,7 +117,11 @@ def rope_cos_sin(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, S, h, d) by the half-split convention (Su et al. 2021, as Llama):
     x * cos + rotate_half(x) * sin = x * cos + x.roll(d/2) * signed_sin (``rope_cos_sin``)."""
-    cos, signed_sin = cos[:, :, None], signed_sin[:, :, None]  # (B, S, 1, d)
+    return rotate(x, cos[:, :, None], signed_sin[:, :, None])  # tables (B, S, 1, d)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope``'s products on any layout: x (..., d) with tables broadcast to it."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
