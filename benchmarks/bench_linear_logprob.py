@@ -76,9 +76,15 @@ def _liger():
 
 def _cce():
     from cut_cross_entropy import linear_cross_entropy
+    from cut_cross_entropy.linear_cross_entropy import LinearCrossEntropyImpl
+
+    # the exact gradient: "cce_exact" where the release has it, else "cce" with gradient filtering off
+    # (25.1.x has only cce and torch_compile; its filter_eps skips small softmax entries in the backward)
+    exact = dict(impl="cce_exact") if "CCE_EXACT" in LinearCrossEntropyImpl.__members__ else dict(impl="cce",
+                                                                                               filter_eps=None)
 
     def run(x, w, y, xq=None, wq=None):
-        return -linear_cross_entropy(x, w, y, reduction="none", impl="cce_exact")
+        return -linear_cross_entropy(x, w, y, reduction="none", **exact)
 
     return run
 
@@ -133,12 +139,21 @@ def measure(fn, inputs, grad_out, backward: bool, device: str, repeats: int) -> 
     return statistics.median(times), peak
 
 
-# Launch configurations (block_n, block_v, block_h, warps, stages) timed by --sweep for the policy-only
-# Triton provider, beside the table's own choice (rlhf_kernels.launch): the data for revising the table.
+# Launch configurations (block_n, block_v, block_h, warps, stages) timed by --sweep beside the table's own
+# choice (rlhf_kernels.launch): the data for revising the table. SWEEP: the policy-only (one-GEMM) kernels;
+# SWEEP_KL: with the reference (two GEMMs a tile, the exact-KL path). On an H200 the table's two-GEMM
+# 128 x 64 tile ran at 215 TFLOP/s and a one-GEMM 64 x 128 tile at 1.5x a one-GEMM 128 x 64 one, so the
+# 64 x 128 two-GEMM tiles (no spills on sm_90, `python -m rlhf_kernels.aot --kl --fwd-config ...`) are
+# the candidates to measure.
 SWEEP = {
     "sm90": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
              (128, 64, 64, 4, 4), (128, 128, 64, 4, 4)],
     "sm80": [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
+}
+SWEEP_KL = {
+    "sm90": [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3),
+             (128, 128, 64, 8, 3)],
+    "sm80": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)],
 }
 
 
@@ -150,20 +165,21 @@ def sweep(inputs, grad_out, repeats: int) -> list[dict]:
     x, w = inputs[0], inputs[1]
     n, h, v = x.shape[0], x.shape[1], w.shape[0]
     rows = []
-    for spec in SWEEP[family]:
-        impl = TritonImpl(config=L.LaunchConfig(*spec))
-        fn = _ours(impl, False)
-        for backward in (False, True):
-            try:
-                ms, mb = measure(fn, inputs, grad_out, backward, "cuda", repeats)
-            except Exception as exc:  # noqa: BLE001 - an unlaunchable candidate is a row, not a crash
-                print(f"config {spec}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                continue
-            flops = model_flops(n, h, v, backward, with_kl=False)
-            rows.append(dict(family=family, config="x".join(map(str, spec)), **{"pass": "fwd_bwd" if backward else "fwd"},
-                             median_ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
-                             peak_mem_mb=round(mb, 1)))
-            print(",".join(str(val) for val in rows[-1].values()), flush=True)
+    for with_kl, specs in ((False, SWEEP[family]), (True, SWEEP_KL[family])):
+        for spec in specs:
+            fn = _ours(TritonImpl(config=L.LaunchConfig(*spec)), with_kl)
+            for backward in (False, True):
+                try:
+                    ms, mb = measure(fn, inputs, grad_out, backward, "cuda", repeats)
+                except Exception as exc:  # noqa: BLE001 - an unlaunchable candidate is a row, not a crash
+                    print(f"config {spec}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    continue
+                flops = model_flops(n, h, v, backward, with_kl=with_kl)
+                rows.append(dict(family=family, kernel="policy+ref" if with_kl else "policy",
+                                 config="x".join(map(str, spec)), **{"pass": "fwd_bwd" if backward else "fwd"},
+                                 median_ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                                 peak_mem_mb=round(mb, 1)))
+                print(",".join(str(val) for val in rows[-1].values()), flush=True)
     return rows
 
 
@@ -206,7 +222,11 @@ def main() -> None:
     rows = []
     for name, fn in chosen.items():
         for backward in (False, True):
-            ms, mb = measure(fn, inputs, grad_out, backward, args.device, args.repeats)
+            try:
+                ms, mb = measure(fn, inputs, grad_out, backward, args.device, args.repeats)
+            except Exception as exc:  # noqa: BLE001 - a peer's failing release is reported, the others still run
+                print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                break
             flops = model_flops(n, h, v, backward, with_kl=name.endswith("+kl"))
             row = dict(provider=name, dtype=str(dtype).removeprefix("torch."), n_tokens=n, hidden=h, vocab=v,
                        **{"pass": "fwd_bwd" if backward else "fwd"}, median_ms=round(ms, 2),

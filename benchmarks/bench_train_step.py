@@ -90,16 +90,19 @@ def main() -> None:
                                 rope_theta=500000.0)
         batch, seq, dtype = 4, 2048, torch.bfloat16
     batch, seq = args.batch or batch, args.seq or seq
-    base = Transformer(cfg)
-    base.reset_parameters(torch.Generator().manual_seed(0))
-    ref = Transformer(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # built and initialised where they run (1.2B CPU initialisations take minutes)
+        base = Transformer(cfg)
+    base.reset_parameters(torch.Generator(device).manual_seed(0))
+    with torch.device(device):
+        ref = Transformer(cfg).to(dtype=dtype)
     ref.load_state_dict(base.state_dict())
     ref.requires_grad_(False)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for kind in ("sft", "ppo"):
         for path in ("eager", "fused"):
-            model = Transformer(cfg).to(device=device, dtype=dtype)
+            with torch.device(device):
+                model = Transformer(cfg).to(dtype=dtype)
             model.load_state_dict(base.state_dict())
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), foreach=True)
             run = step_fn(kind, path, model, ref, x)

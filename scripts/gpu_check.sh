@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validate rlhf-engine on one CUDA GPU in under 9 minutes, with no network.
+# Validate rlhf-engine on one CUDA GPU in under 9 minutes, with no network (an H200 took 5).
 #
 #   bash scripts/gpu_check.sh            # run every step, print a summary table last
 #   bash scripts/gpu_check.sh --dry-run  # print the plan (works on a CPU machine)
@@ -8,9 +8,9 @@
 #   1. the gpu-marked tests (compiled Triton kernels against fp32 oracles, bf16 targets of docs/kernels.md)
 #   2. bench_linear_logprob: bf16, N=16384 H=4096 V=128256 -> benchmarks/results/linear_logprob_<gpu>.csv
 #      (eager, Liger-Kernel and cut-cross-entropy when importable, ours; TFLOP/s and peak memory), and
-#      the launch-config sweep -> linear_logprob_sweep_<gpu>.csv
+#      the launch-config sweep, one- and two-GEMM kernels -> linear_logprob_sweep_<gpu>.csv
 #   3. bench_train_step: a bf16 SFT step and a PPO step of a Llama-3.2-1B-shaped model, fused vs eager
-#   4. bench_fp8: a torchao FP8 step against bf16
+#   4. bench_fp8 --compile: a torchao FP8 step against bf16, decoder layers compiled (as precision.fp8 runs them)
 #   5. bench_generate: decoding against transformers' generate, eager, static KV cache, and the decode step
 #      compiled with CUDA graphs (rollout.decode_mode) -> benchmarks/results/generate_<gpu>.csv
 #   6. the summary table (scripts/gpu_summary.py)
@@ -30,11 +30,11 @@ log_dir=benchmarks/results/gpu_check_logs
 shape=(--n 16384 --hidden 4096 --vocab 128256)
 
 steps=(
-  "gpu tests|150|$py -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_fp8.py"
+  "gpu tests|90|$py -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_fp8.py"
   "linear_logprob bf16 N=16384 H=4096 V=128256|150|$py benchmarks/bench_linear_logprob.py --device cuda --dtype bfloat16 ${shape[*]} --providers eager,liger,cce,triton,triton+kl --repeats 5 --sweep"
-  "train step ~1B bf16 fused vs eager|100|$py benchmarks/bench_train_step.py --steps 10"
-  "fp8 torchao vs bf16|60|$py benchmarks/bench_fp8.py --steps 30"
-  "generate eager/static/compiled vs transformers|90|$py benchmarks/bench_generate.py --modes eager,static,compiled --repeats 2"
+  "train step ~1B bf16 fused vs eager|130|$py benchmarks/bench_train_step.py --steps 10"
+  "fp8 torchao vs bf16, layers compiled|90|$py benchmarks/bench_fp8.py --steps 30 --compile"
+  "generate eager/static/compiled vs transformers|80|$py benchmarks/bench_generate.py --modes eager,static,compiled --repeats 5"
 )
 
 if [ "$dry" = 1 ]; then

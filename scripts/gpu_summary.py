@@ -2,8 +2,8 @@
 
     python scripts/gpu_summary.py ["1|gpu tests|0|42" ...]   # step|name|exit code|seconds, as gpu_check passes
 
-Reads benchmarks/results/{linear_logprob,linear_logprob_sweep,train_step,fp8}_<device>.csv for the
-current CUDA device (or the newest of each when none is visible).
+Reads benchmarks/results/{linear_logprob,linear_logprob_sweep,train_step,fp8,generate}_<device>.csv (fp8:
+the compiled run's fp8_<device>_compiled.csv where there is one) for the current CUDA device (or the newest of each when none is visible).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def _rows(prefix: str, tag: str | None) -> list[dict]:
     path = RESULTS / f"{prefix}_{tag}.csv" if tag else None
     if path is None or not path.exists():
         found = sorted((p for p in RESULTS.glob(f"{prefix}_*.csv") if "cpu" not in p.name
-                        and (prefix != "linear_logprob" or "sweep" not in p.name)), key=lambda p: p.stat().st_mtime)
+                        and (prefix != "linear_logprob" or "sweep" not in p.name)
+                        and (prefix != "fp8" or "loss" not in p.name)), key=lambda p: p.stat().st_mtime)
         if not found:
             return []
         path = found[-1]
@@ -64,15 +65,17 @@ def main(argv: list[str]) -> None:
                     print(f"  vs {peer}: {ratio:.2f}x its speed (>= 1 means no slower)")
     sweep = _rows("linear_logprob_sweep", tag)
     if sweep:
-        best = max((r for r in sweep if r["pass"] == "fwd_bwd"), key=lambda r: float(r["tflops"]), default=None)
-        if best:
-            print(f"\nlaunch sweep: best fwd+bwd config {best['config']} at {best['tflops']} TFLOP/s")
+        for kernel in ("policy", "policy+ref"):
+            best = max((r for r in sweep if r["pass"] == "fwd_bwd" and r.get("kernel", "policy") == kernel),
+                       key=lambda r: float(r["tflops"]), default=None)
+            if best:
+                print(f"launch sweep, {kernel}: best fwd+bwd config {best['config']} at {best['tflops']} TFLOP/s")
     steps = _rows("train_step", tag)
     if steps:
         print("\ntrain step (~1B, bf16): step, path, ms, peak MB")
         for r in steps:
             print(f"  {r['step']:<4} {r['path']:<6} {float(r['step_ms']):>9.1f} {float(r['peak_mem_mb']):>10.1f}")
-    fp8 = _rows("fp8", tag)
+    fp8 = _rows("fp8", f"{tag}_compiled" if tag else None) or _rows("fp8", tag)
     if fp8:
         base = next((r for r in fp8 if r["variant"] == "bf16"), None)
         for r in fp8:

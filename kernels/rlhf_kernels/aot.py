@@ -238,15 +238,16 @@ def markdown(reports: list[Report]) -> str:
     return "\n".join([head, *rows])
 
 
-def _config_job(spec: str, arch: int) -> Job:
-    """A forward job at the benchmark shape with an explicit config 'block_n,block_v,block_h,warps,stages'."""
+def _config_job(spec: str, arch: int, kl: bool = False) -> Job:
+    """A forward job at the benchmark shape with an explicit config 'block_n,block_v,block_h,warps,stages'
+    (``kl``: the two-GEMM forward, policy and reference tiles together)."""
     from .triton_lm_head import TritonImpl
 
     cfg = L.LaunchConfig(*(int(v) for v in spec.split(",")))
     N, H, V = SHAPES["bench"]
     plan = TritonImpl(config=cfg, arch=arch, sms=L.ARCHS[L.arch_family(arch)].sms).plan_forward(
-        N, V, H, torch.bfloat16, True, False, (H, H, H, H), 1.0)
-    return job_for(plan, f"fwd policy {spec}", arch, torch.bfloat16, "bench")
+        N, V, H, torch.bfloat16, True, kl, (H, H, H, H), 1.0)
+    return job_for(plan, f"fwd {'policy+ref' if kl else 'policy'} {spec}", arch, torch.bfloat16, "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the resource table")
     parser.add_argument("--arch", type=int, choices=ARCH_CAPS, action="append", help="default: all")
     parser.add_argument("--fwd-config", help="compile one bf16 forward config 'block_n,block_v,block_h,warps,stages'")
+    parser.add_argument("--kl", action="store_true", help="with --fwd-config: the two-GEMM (policy + reference) forward")
     parser.add_argument("--workers", type=int)
     args = parser.parse_args(argv)
     if L.interpreting():
         parser.error("TRITON_INTERPRET=1 is set: ahead-of-time compilation needs the real compiler")
     archs = tuple(args.arch or ARCH_CAPS)
-    jobs = [_config_job(args.fwd_config, a) for a in archs] if args.fwd_config else all_jobs(archs)
+    jobs = [_config_job(args.fwd_config, a, args.kl) for a in archs] if args.fwd_config else all_jobs(archs)
     reports = compile_all(jobs, args.workers)
     problems = [p for r in reports for p in check(r)]
     if args.json:

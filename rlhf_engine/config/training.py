@@ -38,6 +38,9 @@ class ParallelConfig:
     fail within this many seconds instead of waiting torch's default 30 minutes."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward, keeping only its input."""
+    compile_layers: bool | None = None
+    """``torch.compile`` each decoder layer (``parallel/compile.py``). None: on for torchao FP8 on a CUDA
+    device, where it makes FP8 faster than bf16 instead of 0.43x its speed (measured on an H200), else off."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp_replicate", "pp_stages_per_rank"):

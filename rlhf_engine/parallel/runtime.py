@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import RunConfig
 from .activation_checkpoint import apply_activation_checkpointing
+from .compile import compile_decoder_layers, wants_compiled_layers
 from .dims import LayoutError, ParallelDims
 from .fp8 import apply_fp8
 from .fsdp import apply_fsdp
@@ -70,9 +71,12 @@ class Runtime:
         """Apply the configured layout to ``model`` (on this runtime's device) in place."""
         dtype = DTYPES[cfg.precision.dtype]
         fp8 = cfg.precision.fp8
+        compiled = wants_compiled_layers(cfg.parallel.compile_layers, fp8, self.device.type)
         if self.mesh is None:
             model = apply_fp8(model.to(device=self.device, dtype=dtype), fp8)
-            return apply_activation_checkpointing(model) if cfg.parallel.activation_checkpointing else model
+            if cfg.parallel.activation_checkpointing:
+                model = apply_activation_checkpointing(model)
+            return compile_decoder_layers(model) if compiled else model
         p = cfg.parallel
         self.dims.check_model(model.config, stages=p.pp_stages_per_rank)
         split = None
@@ -90,6 +94,8 @@ class Runtime:
         apply_tensor_parallel(model, self.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if compiled:
+            compile_decoder_layers(model)
         if split is not None:
             tied = model.config.tie_word_embeddings and not hasattr(model, "trunk_layers")
             model = PipelinedModel(model, split, pp_group=self.mesh["pp"].get_group(), pp_rank=self.pp_rank,

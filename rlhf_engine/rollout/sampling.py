@@ -278,9 +278,11 @@ def generate(
         if one_token and program is not None:
             step = _compiled_program_step() if decode_mode == "compiled" else _program_step
             hidden, states = step(program, tokens, pos, doc, cache)
-        else:
-            fn = _compiled_decode_step(device) if one_token and decode_mode == "compiled" else _decode_step
-            hidden, states = fn(model, tokens, pos, doc, cache, record is not None)
+        elif one_token and decode_mode == "compiled":
+            hidden, states = _compiled_decode_step(device)(model, tokens, pos, doc, cache, record is not None)
+        else:  # eager, also where training compiled the layers (parallel.compile_layers): shapes vary per call
+            with torch.compiler.set_stance("force_eager"):
+                hidden, states = _decode_step(model, tokens, pos, doc, cache, record is not None)
         if states is not None and record is not None:
             record.append(states)
         return hidden
