@@ -70,7 +70,7 @@ class _PeakRss:
 
 def trl_grpo_steps(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int, steps: int,
                    beta: float, lr: float, seed: int, target_token: int, work_dir: str,
-                   threads: int | None = None, bf16: bool = False) -> dict:
+                   threads: int | None = None, bf16: bool = False, torch_compile: bool = False) -> dict:
     """Runs `steps` (+1 warm-up, not timed) optimizer steps of TRL GRPOTrainer on CPU and returns
     {"step_s": median seconds per timed step, "completion_tokens": mean generated completion tokens per step,
      "tokens_per_s": completion_tokens / step_s, "peak_mem_mb": peak RSS increase in MiB during the timed steps,
@@ -174,6 +174,7 @@ def trl_grpo_steps(model_dir: str, prompts: list[str], *, group: int, max_new_to
         bf16=bf16,  # GRPOConfig default: True unless fp16 (bf16 autocast over fp32 weights)
         fp16=False,
         gradient_checkpointing=False,  # GRPOConfig default True
+        torch_compile=torch_compile,  # Trainer default False: True wraps the training model in torch.compile
         use_cpu=True,
         seed=seed,
         # --- bookkeeping ---

@@ -13,8 +13,11 @@ defaults are listed in ``_trl_grpo.py``.
 
 Rows: ``trl`` (GRPOTrainer; policy and a separate reference model), ``rlhf_engine`` (trunk_layers = 0:
 the whole policy trains, the reference is a whole copy, as in TRL), ``rlhf_engine_compiled_decode`` (the
-same with ``rollout.decode_mode=compiled``; compilation happens in the warm-up step) and ``rlhf_engine_shared_trunk``
-(the lower half of the layers frozen and shared by policy and reference). Each framework runs in fresh
+same with ``rollout.decode_mode=compiled``; compilation happens in the warm-up step), ``trl_torch_compile``
+(TRL with the Trainer's ``torch_compile=True``), ``rlhf_engine_compiled`` (compiled decoding and
+``parallel.compile_layers=true``: each decoder layer through torch.compile for the training and reference
+passes) and ``rlhf_engine_shared_trunk`` (the lower half of the layers frozen and shared by policy and
+reference). Each framework runs in fresh
 subprocesses (one timed, one for memory); step_s is the median over ``--steps`` timed steps after one warm-up; tokens_per_s counts
 generated completion tokens (EOS included, padding not); peak_mem_mb is the resident-set high-water mark
 above the level before the timed steps (VmHWM reset through /proc/self/clear_refs), or the CUDA peak.
@@ -41,7 +44,7 @@ PROMPTS = ["kalo mine tu", "ra si po de", "ba zu fe", "gi ho ja we ka", "tu ne m
 
 def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int, steps: int, beta: float, lr: float,
          seed: int, target_token: int, trunk_layers: int, threads: int, decode_mode: str = "eager",
-         bf16: bool = False) -> dict:
+         bf16: bool = False, compile_layers: bool = False) -> dict:
     """rlhf-engine's GRPO step through the library: ExperienceStream (generate, reward, reference pass,
     advantages) and the trainer's train_step with the RL objective."""
     import torch
@@ -69,6 +72,7 @@ def ours(model_dir: str, prompts: list[str], *, group: int, max_new_tokens: int,
     cfg = validate({
         "model": {"hf_path": model_dir, "trunk_layers": trunk_layers},
         "precision": {"dtype": "bfloat16" if bf16 else "float32"},
+        "parallel": {"compile_layers": compile_layers},
         "data": {"seq_len": 64 + max_new_tokens},
         "optim": {"lr": lr, "schedule": "constant", "betas": [0.9, 0.999], "grad_clip": 1.0},
         "algorithm": {"name": "grpo", "rl": {"prompts_per_rollout": len(prompts), "group": group, "kl_coef": beta,
@@ -120,10 +124,11 @@ def worker(args) -> None:
         from _trl_grpo import trl_grpo_steps
 
         with tempfile.TemporaryDirectory() as work:
-            out = trl_grpo_steps(args.model_dir, prompts, work_dir=work, threads=args.threads, **common)
+            out = trl_grpo_steps(args.model_dir, prompts, work_dir=work, threads=args.threads,
+                                 torch_compile=args.compile, **common)
     else:
         out = ours(args.model_dir, prompts, trunk_layers=args.trunk_layers, threads=args.threads,
-                   decode_mode=args.decode_mode, **common)
+                   decode_mode=args.decode_mode, compile_layers=args.compile, **common)
     print("RESULT " + json.dumps(out))
 
 
@@ -151,6 +156,7 @@ def main() -> None:
     p.add_argument("--target-token", type=int, help=argparse.SUPPRESS)
     p.add_argument("--trunk-layers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--decode-mode", default="eager", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -169,15 +175,18 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         target = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("ka")
-        variants = [("trl", "trl", 0, "eager"), ("rlhf_engine", "ours", 0, "eager"),
-                    ("rlhf_engine_compiled_decode", "ours", 0, "compiled"),
-                    ("rlhf_engine_shared_trunk", "ours", args.layers // 2, "eager")]
+        # (row, worker, trunk layers, decode mode, compiled: TRL's torch_compile=True / our parallel.compile_layers)
+        variants = [("trl", "trl", 0, "eager", False), ("rlhf_engine", "ours", 0, "eager", False),
+                    ("rlhf_engine_compiled_decode", "ours", 0, "compiled", False),
+                    ("trl_torch_compile", "trl", 0, "eager", True),
+                    ("rlhf_engine_compiled", "ours", 0, "compiled", True),
+                    ("rlhf_engine_shared_trunk", "ours", args.layers // 2, "eager", False)]
         path = os.pathsep.join([str(HERE.parent), str(HERE.parent / "kernels"), os.environ.get("PYTHONPATH", "")])
-        for name, worker_kind, k, decode_mode in variants:
+        for name, worker_kind, k, decode_mode, compiled in variants:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_kind, "--model-dir", model_dir,
                    "--target-token", str(target), "--trunk-layers", str(k), "--prompts", str(args.prompts),
                    "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                   "--decode-mode", decode_mode, "--dtype", args.dtype]
+                   "--decode-mode", decode_mode, "--dtype", args.dtype] + (["--compile"] if compiled else [])
             # time with the default allocator; memory in a second run with a pinned mmap threshold, so freed
             # temporaries are not silently reused from resident heap pages (see _bench.pin_malloc_threshold)
             timed = _run(name, cmd + ["--steps", str(args.steps)], {**os.environ, "PYTHONPATH": path})
