@@ -20,8 +20,10 @@ through the fused kernel of ``torch.optim.AdamW(fused=True)``:
 State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (fp32) and, for a low-precision one, ``master``
 (fp32). The state is keyed by the model's own parameters, so distributed checkpoints save and restore the
 masters with the moments and a resumed run continues from the fp32 values, not from their rounding.
-Gradients accumulate over micro-batches in the parameter's dtype, as under FSDP's bf16 compute, and are
-clipped there. Memory per low-precision element: 2 (weight) + 2 (gradient) + 4 (master) + 8 (moments).
+Gradients of the low-precision parameters accumulate over micro-batches in fp32 (``parallel/grads.py``:
+each backward's bf16 gradient is added into an fp32 ``main_grad``), and are clipped and used there, as
+FSDP does on its fp32 shards. Memory per low-precision element: 2 (weight) + 4 (gradient) + 4 (master) + 8
+(moments).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+
+from .parallel.grads import clear_main_grads, grad_of, track_main_grads
 
 FP32_STATE = ("master", "exp_avg", "exp_avg_sq")  # held in fp32 whatever the parameter's dtype
 
@@ -45,6 +49,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        track_main_grads(p for group in self.param_groups for p in group["params"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        clear_main_grads(p for group in self.param_groups for p in group["params"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict``, which casts floating state to each parameter's dtype, then the
@@ -67,7 +76,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if grad_of(p) is not None]
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -88,7 +97,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 masters = [st.get("master", p) for st, p in zip(states, batch)]
                 steps = [st["step"] for st in states]
                 torch._foreach_add_(steps, 1)
-                grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in batch]
+                grads = [g if g.dtype == torch.float32 else g.float() for g in map(grad_of, batch)]
                 moments = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
                 torch._fused_adamw_(masters, grads, *moments, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
                                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

@@ -50,6 +50,7 @@ from .parallel.checkpoint import (
     save_checkpoint,
 )
 from .parallel.fp8 import fp8_metrics
+from .parallel.grads import grad_of
 from .parallel.pipeline import PipelinedModel
 from .parallel.runtime import Runtime
 
@@ -195,8 +196,8 @@ def clip_model_grads(model: nn.Module, max_norm: float | None) -> float:
     stage's gradients (a tied weight counted once)."""
     if isinstance(model, PipelinedModel):
         return clip_grad_norm(model.grad_norm_params(), max_norm, reduce=model.reduce_squares,
-                              also=[p for p in model.parameters() if p.grad is not None])
-    return clip_grad_norm([p for p in model.parameters() if p.grad is not None], max_norm)
+                              also=[p for p in model.parameters() if grad_of(p) is not None])
+    return clip_grad_norm([p for p in model.parameters() if grad_of(p) is not None], max_norm)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, *,
@@ -210,7 +211,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, *,
     ``also``: parameters scaled with the rest but not counted (a tied weight's second copy)."""
     groups: dict[Any, list[torch.Tensor]] = {}  # by mesh: TP+FSDP weights are 2-D, FSDP-only norm gains 1-D
     for p in params:
-        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+        grad = grad_of(p)  # (fp32 main_grad of a bf16 parameter: parallel/grads.py)
+        groups.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
     squares = 0.0
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -223,7 +225,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, *,
         coef = max_norm / (total + 1e-6)
         scaled: dict[Any, dict[int, torch.Tensor]] = {}  # mesh (or plain) -> gradients, each once
         for p in [*params, *also]:
-            scaled.setdefault(getattr(p.grad, "device_mesh", None), {})[id(p)] = p.grad
+            grad = grad_of(p)
+            scaled.setdefault(getattr(grad, "device_mesh", None), {})[id(p)] = grad
         for grads in scaled.values():  # (a pipeline stage of the frozen trunk alone has none)
             torch._foreach_mul_(list(grads.values()), coef)
     return total

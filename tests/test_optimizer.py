@@ -138,3 +138,55 @@ def test_tensor_parallel_shards_keep_their_masters():
     from torchrun_helper import torchrun
 
     torchrun(_tensor_parallel_body, nproc=2)
+
+
+def test_bf16_gradients_accumulate_over_micro_batches_in_fp32():
+    """parallel/grads.py: with MasterWeightAdamW each backward's bf16 gradient goes into an fp32 main_grad,
+    so 32 micro-batches sum to the fp64 sum of their bf16 gradients up to fp32 rounding, where autograd's
+    own bf16 accumulation (the oracle's counterpart without the optimizer) is off by bf16 roundings."""
+    from rlhf_engine.parallel.grads import grad_of
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(48, 40, generator=g) * 0.05).to(torch.bfloat16)
+    xs = [torch.randn(16, 40, generator=g).to(torch.bfloat16) for _ in range(32)]
+    ups = [torch.randn(16, 48, generator=g).to(torch.bfloat16) * (0.1 + i) for i in range(32)]  # growing sizes
+
+    def accumulate(param):
+        for x, up in zip(xs, ups):
+            ((x @ param.T) * up).sum().backward()
+
+    ours, plain = nn.Parameter(weight.clone()), nn.Parameter(weight.clone())
+    opt = MasterWeightAdamW([ours], lr=1e-3)
+    accumulate(ours)
+    accumulate(plain)
+    exact = torch.zeros(48, 40, dtype=torch.float64)
+    for x, up in zip(xs, ups):  # each micro-batch's bf16 gradient, summed in fp64
+        one = nn.Parameter(weight.clone())
+        ((x @ one.T) * up).sum().backward()
+        exact += one.grad.double()
+    assert ours.grad is None and grad_of(ours).dtype == torch.float32
+    scale = exact.abs().max()
+    ours_err = (grad_of(ours).double() - exact).abs().max() / scale
+    plain_err = (plain.grad.double() - exact).abs().max() / scale
+    assert ours_err < 1e-6 and plain_err > 1e-3, (ours_err, plain_err)
+    opt.step()  # the update reads main_grad; zero_grad clears it
+    assert opt.state[ours]["master"].dtype == torch.float32
+    opt.zero_grad()
+    assert grad_of(ours) is None
+
+
+def test_clipping_reads_the_fp32_main_grads():
+    """trainer.clip_grad_norm on main_grads: the norm of the fp32 sum, and the scaling applied to it."""
+    from rlhf_engine.parallel.grads import grad_of
+    from rlhf_engine.trainer import clip_grad_norm
+
+    params = _params(torch.bfloat16)
+    MasterWeightAdamW(_groups(params, 1e-3), lr=1e-3)
+    for t in range(3):
+        sum(((p.float() * g.float()).sum() for p, g in zip(params, _grads(t, params)))).backward()
+    grads = [grad_of(p).clone() for p in params]
+    want = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    total = clip_grad_norm(params, 1.0)
+    assert total == pytest.approx(float(want), rel=1e-6)
+    for p, g in zip(params, grads):
+        assert p.grad is None and torch.allclose(grad_of(p), g * (1.0 / (float(want) + 1e-6)), rtol=1e-6)

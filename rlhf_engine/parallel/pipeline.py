@@ -59,6 +59,7 @@ from ..algorithms.objective import ModelPass, merge_stats
 from ..data.streams import StepTotals
 from .dims import LayoutError
 from .fsdp import decoder_parts
+from .grads import grad_of, set_grad
 from .schedules import check_schedule, forward_only_actions, schedule_actions
 from .stage_split import balanced_split, heads_of, layer_costs
 
@@ -278,11 +279,11 @@ class PipelinedModel(nn.Module):
         if self.embedding_group is False:  # this rank holds neither end
             return
         weight = self._tied_weight()
-        grad = weight.grad
+        grad = grad_of(weight)  # (the fp32 main_grad of a bf16 weight: parallel/grads.py)
         if isinstance(grad, DTensor):  # tensor parallel: the two copies' gradients in the weight's layout
             local = grad.redistribute(weight.device_mesh, weight.placements).to_local().contiguous()
             dist.all_reduce(local, group=self.embedding_group)
-            weight.grad = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False)
+            set_grad(weight, DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False))
         else:
             dist.all_reduce(grad, group=self.embedding_group)
 
@@ -290,7 +291,7 @@ class PipelinedModel(nn.Module):
         """The parameters whose gradients count towards the global norm on this rank (a tied weight once:
         on the first stage)."""
         skip = self._tied_weight() if self.tied and 0 not in self.stages else None
-        return [p for p in self.parameters() if p.grad is not None and p is not skip]
+        return [p for p in self.parameters() if grad_of(p) is not None and p is not skip]
 
     def reduce_squares(self, squares: float) -> float:
         """Sum of squared gradient norms over the pipeline ranks."""
